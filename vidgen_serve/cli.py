@@ -1,0 +1,151 @@
+"""`vidgen-serve` command line: generate a video in-process, print the schema, run the service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import VidgenError
+
+MAX_REQUEST_FILE_BYTES = 1 << 20
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _request_body(args: argparse.Namespace) -> dict:
+    body: dict = {}
+    if args.request:
+        path = Path(args.request)
+        if not path.is_file():
+            raise VidgenError(400, f"--request {args.request!r}: no such file")
+        if path.stat().st_size > MAX_REQUEST_FILE_BYTES:
+            raise VidgenError(413, f"--request {args.request!r}: larger than {MAX_REQUEST_FILE_BYTES} bytes")
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise VidgenError(400, f"--request {args.request!r}: not valid JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise VidgenError(400, f"--request {args.request!r}: must hold a JSON object")
+    # Flags given on the command line override the file's fields.
+    for name in ("prompt", "negative_prompt", "style", "duration", "fps", "resolution", "aspect", "seed",
+                 "motion_intensity", "color_palette", "camera_motion", "temporal_consistency",
+                 "num_inference_steps", "guidance_scale"):
+        value = getattr(args, name, None)
+        if value is not None:
+            body[name] = value
+    return body
+
+
+def _config(args: argparse.Namespace):
+    from .config import AppConfig
+
+    overrides = {}
+    if getattr(args, "tp", None):
+        overrides["tensor_parallel_size"] = args.tp
+    return AppConfig(profile=args.profile, profile_overrides=overrides)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    from .pipeline import VideoPipeline
+    from .plan import build_plan
+    from .request import parse_request
+
+    output = Path(args.output)
+    if output.exists() and output.is_dir():
+        raise VidgenError(400, f"--output {args.output!r} is a directory")
+    if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
+        raise VidgenError(400, f"--output {args.output!r}: directory {str(output.parent)!r} is not writable")
+    try:
+        config = _config(args)
+    except ValidationError as exc:
+        raise VidgenError(422, f"invalid configuration: {exc.errors(include_url=False)[0]['msg']}") from None
+    request = parse_request(_request_body(args))
+    plan = build_plan(request, config)  # validate before loading any model
+
+    denoiser = None
+    if config.model_profile.tensor_parallel_size > 1:
+        from .parallel.local import LocalTensorParallelDenoiser
+
+        denoiser = LocalTensorParallelDenoiser(config)
+    pipeline = VideoPipeline(config, denoiser=denoiser)
+    total = plan.num_inference_steps * len(plan.windows)
+    with tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, disable=args.quiet) as bar:
+        result = pipeline.generate(plan, output, progress=lambda _event: bar.update(1))
+    if hasattr(denoiser, "close"):
+        denoiser.close()
+    timings = ", ".join(f"{k}={v:.2f}s" for k, v in result.timings.items())
+    print(f"wrote {output} ({plan.output_width}x{plan.output_height}, {plan.output_num_frames} frames @ "
+          f"{plan.output_fps} fps, seed {plan.seed}) [{timings}]", file=sys.stderr)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .request import schema_json
+
+    print(schema_json())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vidgen-serve", description="Text-to-video generation and serving.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate one video in-process")
+    gen.add_argument("--request", help="JSON file with the same body as POST /v1/video/generate")
+    gen.add_argument("--prompt")
+    gen.add_argument("--negative-prompt", dest="negative_prompt")
+    gen.add_argument("--style")
+    gen.add_argument("--duration", type=float)
+    gen.add_argument("--fps", type=int)
+    gen.add_argument("--resolution")
+    gen.add_argument("--aspect")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--motion-intensity", dest="motion_intensity", type=float)
+    gen.add_argument("--color-palette", dest="color_palette")
+    gen.add_argument("--camera-motion", dest="camera_motion")
+    gen.add_argument("--temporal-consistency", dest="temporal_consistency", type=float)
+    gen.add_argument("--steps", dest="num_inference_steps", type=int)
+    gen.add_argument("--guidance-scale", dest="guidance_scale", type=float)
+    gen.add_argument("--profile", default=os.environ.get("VIDGEN_PROFILE", "tiny"))
+    gen.add_argument("--tp", type=int, help="tensor-parallel ranks for the denoiser (local process group)")
+    gen.add_argument("--output", "-o", required=True, help="MP4 file to write")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
+
+    schema = sub.add_parser("schema", help="print the request JSON Schema")
+    schema.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr)
+    try:
+        return args.func(args)
+    except VidgenError as exc:
+        message = exc.message
+        if exc.details:
+            message = "invalid request:\n" + "\n".join(
+                f"  {d['field']}={d['value']!r}: {d['message']}"
+                + (f" (allowed: {d['allowed']})" if "allowed" in d else "")
+                for d in exc.details
+            )
+        return _fail(message)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

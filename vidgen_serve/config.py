@@ -1,0 +1,237 @@
+"""Typed configuration: model profiles, style presets and serving settings.
+
+Everything is a pydantic model loaded once (from `serve_config.yaml` application args,
+or CLI flags) and passed down. Environment variables are read only here, for flags and
+test overrides (`VIDGEN_CACHE_DIR`, `VIDGEN_PROFILE`).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Aspect = Literal["16:9", "9:16", "1:1"]
+Resolution = Literal["480p", "720p", "1080p", "4k"]
+
+# Output presets: (width, height) for 16:9; 9:16 swaps them, 1:1 squares the short side.
+RESOLUTION_PRESETS: dict[str, tuple[int, int]] = {
+    "480p": (854, 480),
+    "720p": (1280, 720),
+    "1080p": (1920, 1080),
+    "4k": (3840, 2160),
+}
+
+def output_size(resolution: str, aspect: str) -> tuple[int, int]:
+    """Output (width, height) for a resolution preset and an aspect ratio."""
+    width, height = RESOLUTION_PRESETS[resolution]
+    if aspect == "9:16":
+        return height, width
+    if aspect == "1:1":
+        return height, height
+    return width, height
+
+
+class StylePreset(BaseModel):
+    """A named style: prompt and negative templates, optionally a LoRA adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_template: str = Field(
+        "{prompt}", description="Template applied to the user's prompt; must contain '{prompt}'."
+    )
+    negative_template: str = Field(
+        "", description="Negative prompt added under this style (joined with the user's negative prompt)."
+    )
+    lora: str | None = Field(None, description="Optional LoRA adapter path loaded for this style.")
+
+    @model_validator(mode="after")
+    def _has_placeholder(self) -> "StylePreset":
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{prompt}'")
+        return self
+
+
+DEFAULT_STYLES: dict[str, StylePreset] = {
+    "realistic": StylePreset(
+        prompt_template="{prompt}, photorealistic, natural lighting, highly detailed",
+        negative_template="cartoon, anime, illustration, painting",
+    ),
+    "anime": StylePreset(
+        prompt_template="{prompt}, anime style, cel shading, vibrant colors",
+        negative_template="photorealistic, photo",
+    ),
+    "3d-animation": StylePreset(
+        prompt_template="{prompt}, 3D animation, Pixar style render, soft global illumination",
+        negative_template="photo, flat 2D",
+    ),
+    "ink-wash": StylePreset(
+        prompt_template="{prompt}, Chinese ink wash painting, 水墨画, flowing brush strokes",
+        negative_template="photorealistic, saturated colors",
+    ),
+    "cinematic": StylePreset(
+        prompt_template="{prompt}, cinematic shot, anamorphic lens, film grain, dramatic lighting",
+        negative_template="amateur, overexposed",
+    ),
+}
+
+
+class ModelProfile(BaseModel):
+    """A model checkpoint and how to run it (device, dtype, native sizes, limits)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Profile name.")
+    checkpoint: str = Field(
+        description="'builtin:tiny' (built locally on first use) or a local path / hub id of a diffusers Wan "
+        "2.1 T2V checkpoint (model_index.json layout)."
+    )
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Device the stages run on.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the text encoder and the transformer."
+    )
+    vae_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the VAE.")
+    native_sizes: dict[Aspect, tuple[int, int]] = Field(
+        description="Native (width, height) the model renders at, per aspect; multiples of 16."
+    )
+    native_fps: int = Field(ge=1, le=60, description="Frame rate the model was trained at.")
+    max_window_frames: int = Field(
+        ge=5, description="Most pixel frames the model generates in one window (4k+1, e.g. 81 for Wan 2.1)."
+    )
+    max_duration_s: float = Field(
+        ge=1, description="Longest video accepted; longer than one window uses sliding windows."
+    )
+    resolutions: list[Resolution] = Field(
+        default_factory=lambda: ["480p", "720p", "1080p"], description="Output resolutions this profile allows."
+    )
+    default_steps: int = Field(ge=1, description="Default num_inference_steps.")
+    max_steps: int = Field(ge=1, description="Upper bound on num_inference_steps.")
+    default_guidance_scale: float = Field(ge=1.0, description="Default classifier-free guidance scale.")
+    max_guidance_scale: float = Field(ge=1.0, description="Upper bound on guidance_scale.")
+    max_sequence_length: int = Field(ge=8, description="Text encoder token limit (prompt is truncated past it).")
+    num_attention_heads: int = Field(ge=1, description="Transformer attention heads (checked against TP size).")
+    tensor_parallel_size: int = Field(1, ge=1, le=16, description="Ranks the denoiser transformer is sharded over.")
+    gpus_per_node: int = Field(8, ge=1, description="GPUs on one node: the TP group must fit one node.")
+    text_cache_size: int = Field(256, ge=0, description="Prompt embeddings kept in the text encoder's LRU cache.")
+    x264_preset: str = Field("veryfast", description="libx264 preset for the MP4 encode.")
+    x264_crf: int = Field(20, ge=0, le=51, description="libx264 constant rate factor.")
+    interpolation: Literal["mci", "blend"] = Field(
+        "mci", description="ffmpeg minterpolate mode for frame-rate conversion (mci = motion compensated)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelProfile":
+        for aspect, (w, h) in self.native_sizes.items():
+            if w % 16 or h % 16:
+                raise ValueError(f"native_sizes[{aspect}]={w}x{h}: width and height must be multiples of 16")
+        if (self.max_window_frames - 1) % 4:
+            raise ValueError(f"max_window_frames={self.max_window_frames} must be 4k+1 (Wan VAE: 4x in time)")
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"default_steps={self.default_steps} exceeds max_steps={self.max_steps}")
+        if self.default_guidance_scale > self.max_guidance_scale:
+            raise ValueError("default_guidance_scale exceeds max_guidance_scale")
+        tp = self.tensor_parallel_size
+        if self.num_attention_heads % tp:
+            raise ValueError(
+                f"tensor_parallel_size={tp} must divide num_attention_heads={self.num_attention_heads} "
+                f"(valid: {[n for n in range(1, self.num_attention_heads + 1) if self.num_attention_heads % n == 0]})"
+            )
+        if self.device == "cuda" and tp > self.gpus_per_node:
+            raise ValueError(f"tensor_parallel_size={tp} exceeds gpus_per_node={self.gpus_per_node}")
+        return self
+
+
+_TINY_SIZES = {"16:9": (112, 64), "9:16": (64, 112), "1:1": (80, 80)}
+
+PROFILES: dict[str, ModelProfile] = {
+    "tiny": ModelProfile(
+        name="tiny",
+        checkpoint="builtin:tiny",
+        native_sizes=_TINY_SIZES,
+        native_fps=8,
+        max_window_frames=41,
+        max_duration_s=30,
+        resolutions=["480p", "720p", "1080p"],
+        default_steps=4,
+        max_steps=50,
+        default_guidance_scale=5.0,
+        max_guidance_scale=20.0,
+        max_sequence_length=64,
+        num_attention_heads=4,
+        x264_preset="superfast",
+    ),
+    "wan2.1-1.3b": ModelProfile(
+        name="wan2.1-1.3b",
+        checkpoint="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        device="cuda",
+        dtype="bfloat16",
+        native_sizes={"16:9": (832, 480), "9:16": (480, 832), "1:1": (624, 624)},
+        native_fps=16,
+        max_window_frames=81,
+        max_duration_s=60,
+        resolutions=["480p", "720p", "1080p"],
+        default_steps=50,
+        max_steps=100,
+        default_guidance_scale=5.0,
+        max_guidance_scale=20.0,
+        max_sequence_length=512,
+        num_attention_heads=12,
+        x264_preset="medium",
+    ),
+    "wan2.1-14b-tp8": ModelProfile(
+        name="wan2.1-14b-tp8",
+        checkpoint="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+        device="cuda",
+        dtype="bfloat16",
+        native_sizes={"16:9": (1280, 720), "9:16": (720, 1280), "1:1": (960, 960)},
+        native_fps=16,
+        max_window_frames=81,
+        max_duration_s=60,
+        resolutions=["480p", "720p", "1080p", "4k"],
+        default_steps=50,
+        max_steps=100,
+        default_guidance_scale=5.0,
+        max_guidance_scale=20.0,
+        max_sequence_length=512,
+        num_attention_heads=40,
+        tensor_parallel_size=8,
+        x264_preset="medium",
+    ),
+}
+
+
+def default_cache_dir() -> Path:
+    """Where locally built checkpoints live (`VIDGEN_CACHE_DIR`, else ~/.cache/vidgen-serve)."""
+    return Path(os.environ.get("VIDGEN_CACHE_DIR") or Path.home() / ".cache" / "vidgen-serve")
+
+
+class AppConfig(BaseModel):
+    """The one configuration object: which profile, which styles, where state lives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: str = Field("tiny", description=f"Model profile name ({', '.join(PROFILES)}).")
+    profile_overrides: dict = Field(
+        default_factory=dict, description="Fields overriding the named profile (e.g. tensor_parallel_size)."
+    )
+    styles: dict[str, StylePreset] = Field(
+        default_factory=lambda: dict(DEFAULT_STYLES), description="Style presets by name."
+    )
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Cache for locally built checkpoints.")
+
+    @model_validator(mode="after")
+    def _known_profile(self) -> "AppConfig":
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile={self.profile!r} is unknown; valid profiles: {sorted(PROFILES)}")
+        self.model_profile  # validates overrides early
+        return self
+
+    @cached_property
+    def model_profile(self) -> ModelProfile:
+        """The named profile with overrides applied (validated)."""
+        base = PROFILES[self.profile].model_dump()
+        base.update(self.profile_overrides)
+        return ModelProfile.model_validate(base)

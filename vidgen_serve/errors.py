@@ -1,0 +1,149 @@
+"""One error type for the whole product, and its mapping to a JSON error body.
+
+A `VidgenError` carries the HTTP status, a message safe to show the client, and
+structured details (e.g. which field was wrong and what is allowed). Anything else that
+escapes a handler is an internal error: logged in full, shown to the client as a 500
+without internals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+
+class VidgenError(Exception):
+    """An error with an HTTP status and a client-safe message.
+
+    Args:
+        status_code: HTTP status to answer with.
+        message: client-facing message.
+        code: short machine-readable error code.
+        details: structured, client-safe details (e.g. field errors).
+        headers: extra response headers (e.g. Retry-After).
+    """
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        code: str = "error",
+        details: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.code = code
+        self.details = details or []
+        self.headers = headers or {}
+
+
+class InvalidRequest(VidgenError):
+    """422: a request field is invalid. `details` names each field, value and allowed range."""
+
+    def __init__(self, details: list[dict[str, Any]]):
+        summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+        super().__init__(422, f"invalid request: {summary}", code="invalid_request", details=details)
+
+
+def field_error(field: str, value: Any, message: str, allowed: Any = None) -> dict[str, Any]:
+    """One entry of an `InvalidRequest`'s details."""
+    entry = {"field": field, "value": _safe_value(value), "message": message}
+    if allowed is not None:
+        entry["allowed"] = allowed
+    return entry
+
+
+class GenerationCancelled(VidgenError):
+    """The job was cancelled; raised at a denoising step boundary."""
+
+    def __init__(self, message: str = "generation cancelled"):
+        super().__init__(409, message, code="cancelled")
+
+
+def _safe_value(value: Any) -> Any:
+    # Echo short scalars back; never echo huge inputs into logs or responses.
+    if isinstance(value, (int, float, bool)) or value is None:
+        return value
+    text = str(value)
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
+def _allowed_from_schema(schema: dict[str, Any]) -> Any:
+    if "enum" in schema:
+        return schema["enum"]
+    if "const" in schema:
+        return [schema["const"]]
+    lo = schema.get("minimum", schema.get("exclusiveMinimum"))
+    hi = schema.get("maximum", schema.get("exclusiveMaximum"))
+    if lo is not None or hi is not None:
+        return f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
+    lo, hi = schema.get("minLength"), schema.get("maxLength")
+    if lo is not None or hi is not None:
+        return f"length {lo or 0}..{hi if hi is not None else 'inf'}"
+    for option in schema.get("anyOf", []):
+        allowed = _allowed_from_schema(option)
+        if allowed is not None:
+            return allowed
+    return None
+
+
+def _field_schema(model_schema: dict[str, Any], loc: tuple) -> dict[str, Any]:
+    """Walk a JSON Schema along a pydantic error location (fields, list indexes, $refs)."""
+    defs = model_schema.get("$defs", {})
+    node: dict[str, Any] = model_schema
+    for part in loc:
+        if "$ref" in node:
+            node = defs.get(node["$ref"].split("/")[-1], {})
+        if isinstance(part, int):
+            node = node.get("items", {})
+            for option in node.get("anyOf", []) if "items" not in node and "$ref" not in node else []:
+                node = option
+        else:
+            props = node.get("properties")
+            if props is None:
+                for option in node.get("anyOf", []):
+                    opt = defs.get(option["$ref"].split("/")[-1], option) if "$ref" in option else option
+                    if "items" in opt:
+                        opt = opt["items"]
+                        opt = defs.get(opt["$ref"].split("/")[-1], opt) if "$ref" in opt else opt
+                    if "properties" in opt:
+                        node = opt
+                        break
+                props = node.get("properties", {})
+            node = props.get(part, {})
+    if "$ref" in node:
+        node = defs.get(node["$ref"].split("/")[-1], {})
+    return node
+
+
+def from_validation_error(exc: ValidationError, model_schema: dict[str, Any] | None = None) -> InvalidRequest:
+    """Turn a pydantic ValidationError into an `InvalidRequest` naming fields and allowed values."""
+    details = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if p not in ("body",))
+        field = ".".join(str(p) for p in loc) or "body"
+        allowed = None
+        if model_schema is not None and loc:
+            allowed = _allowed_from_schema(_field_schema(model_schema, loc))
+        if err["type"] == "extra_forbidden":
+            allowed = sorted(model_schema.get("properties", {})) if model_schema and len(loc) == 1 else None
+            message = "unknown field"
+        else:
+            message = err["msg"]
+        details.append(field_error(field, err.get("input"), message, allowed))
+    return InvalidRequest(details)
+
+
+def error_body(exc: VidgenError, request_id: str | None) -> dict[str, Any]:
+    """The JSON error shape used by every endpoint."""
+    return {
+        "error": {
+            "code": exc.code,
+            "message": exc.message,
+            "details": exc.details,
+            "request_id": request_id,
+        }
+    }

@@ -1,0 +1,150 @@
+"""The `tiny` checkpoint: the real Wan 2.1 classes with tiny, seeded random weights.
+
+Built once on first use into the cache directory with `save_pretrained`, in the same
+layout as `Wan-AI/Wan2.1-T2V-1.3B-Diffusers` (model_index.json + one folder per
+component), and loaded back with the same `from_pretrained` code a real checkpoint uses.
+Nothing is downloaded: the tokenizer is trained locally with `tokenizers`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock
+
+logger = logging.getLogger(__name__)
+
+# Changing any of these changes the weights: the cache key includes them.
+TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=4,
+    attention_head_dim=12,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=256,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=64,
+)
+VAE_CONFIG = dict(
+    base_dim=3,
+    z_dim=16,
+    dim_mult=[1, 1, 1, 1],
+    num_res_blocks=1,
+    temperal_downsample=[False, True, True],
+)
+TEXT_ENCODER_CONFIG = dict(
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=32,
+    dropout_rate=0.0,
+)
+SCHEDULER_CONFIG = dict(shift=3.0)
+TOKENIZER_VOCAB = 2000
+SEED = 0
+RECIPE_VERSION = 1
+
+# A small bilingual corpus: enough for a byte-level BPE to learn common pieces. Any text
+# still tokenizes (byte fallback), so prompts are never rejected by the tokenizer.
+_CORPUS = [
+    "a cat chasing butterflies under a cherry blossom tree, photorealistic, natural lighting",
+    "一只橘猫在樱花树下追逐蝴蝶",
+    "主体:熊猫;动作:吃竹子;场景:竹林;风格:3D动画",
+    "subject: panda; action: eating bamboo; scene: bamboo forest; style: 3D animation",
+    "cinematic shot, anamorphic lens, film grain, dramatic lighting, slow camera pan",
+    "anime style, cel shading, vibrant colors, a girl running along the beach at sunset",
+    "Chinese ink wash painting, 水墨画, mountains and rivers, flowing brush strokes",
+    "不要出现人类角色, no humans, no text, no watermark, 第3秒出现彩虹, at 3s: a rainbow",
+    "a drone shot over a city at night, neon lights, rain, reflections on the street",
+    "温暖的色调, 冷色调, 镜头缓慢推进, 镜头平移, 静止镜头, 高清, 细节丰富",
+    "warm colors, cool colors, zoom in, pan left, static camera, highly detailed, 4k",
+    "低质量, 模糊, 过曝, 字幕, 水印, low quality, blurry, overexposed, subtitles, watermark",
+]
+
+
+def recipe_hash() -> str:
+    """Hash of everything that determines the tiny checkpoint's contents."""
+    recipe = json.dumps(
+        [TRANSFORMER_CONFIG, VAE_CONFIG, TEXT_ENCODER_CONFIG, SCHEDULER_CONFIG, TOKENIZER_VOCAB, SEED,
+         RECIPE_VERSION, _CORPUS],
+        sort_keys=True,
+        ensure_ascii=False,
+        default=list,
+    )
+    return hashlib.sha256(recipe.encode()).hexdigest()[:12]
+
+
+def _train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]  # T5 ids: pad=0, eos=1, unk=2
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    # T5 appends </s> to every sequence.
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+
+
+def _build(target: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = _train_tokenizer()
+    torch.manual_seed(SEED)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TEXT_ENCODER_CONFIG)).eval()
+    torch.manual_seed(SEED)
+    transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG).eval()
+    torch.manual_seed(SEED)
+    vae = AutoencoderKLWan(**VAE_CONFIG).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                       transformer=transformer)
+    pipe.save_pretrained(target)
+
+
+def ensure_tiny_checkpoint(cache_dir: Path) -> Path:
+    """Return the path of the tiny checkpoint, building it first if it is not cached.
+
+    Safe to call from several processes at once (a file lock serialises the build; the
+    checkpoint appears atomically by rename, so a reader never sees half a checkpoint).
+    """
+    cache_dir = Path(cache_dir)
+    target = cache_dir / f"wan-tiny-{recipe_hash()}"
+    if (target / "model_index.json").exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "model_index.json").exists():
+            return target
+        logger.info("building tiny Wan checkpoint in %s", target)
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=cache_dir))
+        try:
+            _build(tmp)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,92 @@
+"""Stage 1: prompt + negative prompt -> UMT5 embeddings, with an LRU cache keyed by text."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..config import AppConfig
+from ..models.loading import device_for, load_text_encoder, load_tokenizer, resolve_checkpoint
+from ..plan import GenerationPlan
+
+
+@dataclass
+class PromptEmbeddings:
+    """What the text encoder hands the denoiser (CPU tensors: they cross Ray's object store).
+
+    Attributes:
+        prompt_embeds: (P, S, D), one row per distinct prompt in `plan.prompts`.
+        negative_prompt_embeds: (1, S, D), or None when guidance is off.
+        cache_hits: texts served from the cache for this call.
+        cache_misses: texts that ran through the encoder.
+    """
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
+class TextEncoder:
+    """UMT5 text encoder of a Wan checkpoint, encoding exactly as diffusers' `WanPipeline` does.
+
+    Args:
+        config: application config (profile, cache dir).
+        checkpoint: checkpoint path; default resolves the profile's.
+    """
+
+    def __init__(self, config: AppConfig, checkpoint: str | None = None):
+        from diffusers import WanPipeline
+
+        self.profile = config.model_profile
+        checkpoint = checkpoint or resolve_checkpoint(config)
+        self.device = device_for(self.profile)
+        self.tokenizer = load_tokenizer(checkpoint)
+        text_encoder = load_text_encoder(checkpoint, self.profile, self.device)
+        # WanPipeline's own prompt cleaning, tokenisation and padding, without the other components.
+        self._pipe = WanPipeline(
+            tokenizer=self.tokenizer, text_encoder=text_encoder, vae=None, scheduler=None, transformer=None
+        )
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_size = self.profile.text_cache_size
+        self._lock = threading.Lock()
+        self.max_sequence_length = self.profile.max_sequence_length
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the encoder would see for `text` before truncation (incl. end-of-sequence)."""
+        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def _encode_text(self, text: str) -> tuple[torch.Tensor, bool]:
+        with self._lock:
+            cached = self._cache.get(text)
+            if cached is not None:
+                self._cache.move_to_end(text)
+                return cached, True
+        with torch.inference_mode():
+            embeds = self._pipe._get_t5_prompt_embeds(
+                prompt=text, max_sequence_length=self.max_sequence_length, device=self.device
+            )
+        embeds = embeds.to("cpu")
+        with self._lock:
+            if self._cache_size:
+                self._cache[text] = embeds
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return embeds, False
+
+    def encode(self, plan: GenerationPlan) -> PromptEmbeddings:
+        """Embeddings for every prompt of the plan and, with guidance, its negative prompt."""
+        hits = misses = 0
+        rows = []
+        texts = list(plan.prompts) + ([plan.negative_prompt] if plan.guidance_scale > 1.0 else [])
+        for text in texts:
+            embeds, hit = self._encode_text(text)
+            hits += hit
+            misses += not hit
+            rows.append(embeds)
+        positive = torch.cat(rows[: len(plan.prompts)], dim=0)
+        negative = rows[len(plan.prompts)] if plan.guidance_scale > 1.0 else None
+        return PromptEmbeddings(positive, negative, cache_hits=hits, cache_misses=misses)

@@ -1,0 +1,229 @@
+"""GenerationPlan: a validated request turned into every size, count and seed, once.
+
+Every stage reads its sizes from the plan; nobody recomputes them. The plan is a plain
+pydantic model so it crosses Ray's object store and can be stored with a job.
+
+Wan 2.1 facts the arithmetic follows: the VAE compresses 4x in time (a video of F pixel
+frames has (F - 1) / 4 + 1 latent frames, so F must be 4k+1) and 8x in space; the
+transformer patchifies latents 2x2, so pixel sizes are multiples of 16.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .config import AppConfig, ModelProfile, output_size
+from .errors import InvalidRequest, field_error
+from .request import Keyframe, VideoRequest
+
+VAE_TEMPORAL = 4
+VAE_SPATIAL = 8
+PATCH_SPATIAL = 2
+
+
+class Window(BaseModel):
+    """A sliding window over latent frames [start, end)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start: int
+    end: int
+    prompt_index: int = 0  # which of plan.prompts conditions this window
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+class GenerationPlan(BaseModel):
+    """Everything the stages need to know about one generation."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # Text
+    prompts: list[str] = Field(description="Distinct positive prompts (after the style template).")
+    negative_prompt: str = Field(description="Negative prompt (style + user).")
+    style: str
+    # Sampler
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    # Native (model) geometry
+    native_width: int
+    native_height: int
+    native_fps: int
+    num_frames: int = Field(description="Native pixel frames (4k+1).")
+    latent_frames: int
+    latent_height: int
+    latent_width: int
+    windows: list[Window]
+    overlap_latent_frames: int
+    # Output
+    duration_s: float
+    output_width: int
+    output_height: int
+    output_fps: int
+    output_num_frames: int
+    # Creative controls, validated and carried for the stages that apply them
+    motion_intensity: float
+    color_palette: str
+    camera_motion: str
+    temporal_consistency: float
+    keyframes: list[Keyframe] = Field(default_factory=list)
+
+    @property
+    def latent_tokens(self) -> int:
+        """Transformer tokens in the whole latent video (work measure for latency normalisation)."""
+        return self.latent_frames * (self.latent_height // PATCH_SPATIAL) * (self.latent_width // PATCH_SPATIAL)
+
+    @property
+    def window_tokens(self) -> int:
+        """Transformer tokens processed per denoising step, summed over windows."""
+        per_frame = (self.latent_height // PATCH_SPATIAL) * (self.latent_width // PATCH_SPATIAL)
+        return sum(w.length for w in self.windows) * per_frame
+
+    def summary(self) -> dict[str, Any]:
+        """A short, loggable description (no prompt text)."""
+        return {
+            "native": f"{self.native_width}x{self.native_height}@{self.native_fps}",
+            "frames": self.num_frames,
+            "latent": [self.latent_frames, self.latent_height, self.latent_width],
+            "windows": [(w.start, w.end) for w in self.windows],
+            "output": f"{self.output_width}x{self.output_height}@{self.output_fps}",
+            "output_frames": self.output_num_frames,
+            "steps": self.num_inference_steps,
+            "seed": self.seed,
+        }
+
+
+def native_frame_count(duration_s: float, native_fps: int) -> int:
+    """Smallest 4k+1 pixel frame count covering `duration_s` at `native_fps`."""
+    intervals = math.ceil(round(duration_s * native_fps, 6))
+    return VAE_TEMPORAL * math.ceil(intervals / VAE_TEMPORAL) + 1
+
+
+def overlap_for(temporal_consistency: float, window_latent_frames: int) -> int:
+    """Latent frames shared by neighbouring windows: more consistency, more overlap.
+
+    0.7 -> ~20% of a window, 1.0 -> ~50%; at least 1 frame, always less than a window.
+    """
+    overlap = round(window_latent_frames * (temporal_consistency - 0.5))
+    return max(1, min(window_latent_frames - 1, overlap))
+
+
+def sliding_windows(latent_frames: int, window: int, overlap: int) -> list[Window]:
+    """Cover [0, latent_frames) with windows of `window` frames overlapping by >= `overlap`.
+
+    The last window is shifted back to end exactly at `latent_frames`, so every window has
+    the same length (the model's native one) and seams keep at least `overlap` frames.
+    """
+    if latent_frames <= window:
+        return [Window(start=0, end=latent_frames)]
+    stride = window - overlap
+    starts = list(range(0, latent_frames - window, stride))
+    starts.append(latent_frames - window)
+    return [Window(start=s, end=s + window) for s in starts]
+
+
+def _check_profile_bounds(request: VideoRequest, config: AppConfig, profile: ModelProfile) -> None:
+    errors = []
+    if request.style not in config.styles:
+        errors.append(field_error("style", request.style, "unknown style", sorted(config.styles)))
+    if request.resolution not in profile.resolutions:
+        errors.append(
+            field_error(
+                "resolution",
+                request.resolution,
+                f"not available on profile {profile.name}",
+                list(profile.resolutions),
+            )
+        )
+    if request.duration > profile.max_duration_s:
+        errors.append(
+            field_error(
+                "duration",
+                request.duration,
+                f"longer than profile {profile.name} allows",
+                f"1..{profile.max_duration_s:g}",
+            )
+        )
+    if request.num_inference_steps is not None and request.num_inference_steps > profile.max_steps:
+        errors.append(
+            field_error(
+                "num_inference_steps", request.num_inference_steps, "too many steps", f"1..{profile.max_steps}"
+            )
+        )
+    if request.guidance_scale is not None and request.guidance_scale > profile.max_guidance_scale:
+        errors.append(
+            field_error(
+                "guidance_scale", request.guidance_scale, "too high", f"1.0..{profile.max_guidance_scale:g}"
+            )
+        )
+    if errors:
+        raise InvalidRequest(errors)
+
+
+def build_plan(request: VideoRequest, config: AppConfig, seed: int | None = None) -> GenerationPlan:
+    """Validate `request` against the profile and compute the plan.
+
+    Args:
+        request: a validated request.
+        config: the application config (profile, styles).
+        seed: seed to use when the request has none (default: a fresh random one, recorded
+            in the plan so the job can be reproduced).
+
+    Returns:
+        The plan every stage reads.
+
+    Raises:
+        InvalidRequest: a field is outside what this profile allows.
+    """
+    profile = config.model_profile
+    _check_profile_bounds(request, config, profile)
+    style = config.styles[request.style]
+
+    native_w, native_h = profile.native_sizes[request.aspect]
+    num_frames = native_frame_count(request.duration, profile.native_fps)
+    latent_frames = (num_frames - 1) // VAE_TEMPORAL + 1
+    window_latent = (profile.max_window_frames - 1) // VAE_TEMPORAL + 1
+    overlap = overlap_for(request.temporal_consistency, window_latent)
+    windows = sliding_windows(latent_frames, window_latent, overlap)
+
+    negative = ", ".join(p for p in (request.negative_prompt, style.negative_template) if p)
+    out_w, out_h = output_size(request.resolution, request.aspect)
+    if request.seed is not None:
+        seed = request.seed
+    elif seed is None:
+        seed = secrets.randbits(63)
+
+    return GenerationPlan(
+        prompts=[style.prompt_template.format(prompt=request.prompt)],
+        negative_prompt=negative,
+        style=request.style,
+        seed=seed,
+        num_inference_steps=request.num_inference_steps or profile.default_steps,
+        guidance_scale=request.guidance_scale or profile.default_guidance_scale,
+        native_width=native_w,
+        native_height=native_h,
+        native_fps=profile.native_fps,
+        num_frames=num_frames,
+        latent_frames=latent_frames,
+        latent_height=native_h // VAE_SPATIAL,
+        latent_width=native_w // VAE_SPATIAL,
+        windows=windows,
+        overlap_latent_frames=overlap,
+        duration_s=request.duration,
+        output_width=out_w,
+        output_height=out_h,
+        output_fps=request.fps,
+        output_num_frames=round(request.duration * request.fps),
+        motion_intensity=request.motion_intensity,
+        color_palette=request.color_palette,
+        camera_motion=request.camera_motion,
+        temporal_consistency=request.temporal_consistency,
+        keyframes=list(request.keyframes or []),
+    )

@@ -1,0 +1,1 @@
+"""Serving layer: Ray Serve deployments, the router and its failover policy."""
