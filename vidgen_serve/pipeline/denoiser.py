@@ -91,7 +91,10 @@ class Denoiser:
         noise_cond, noise_uncond = out.chunk(2)
         return noise_uncond + scale * (noise_cond - noise_uncond)
 
-    @torch.inference_mode()
+    def start(self, plan: GenerationPlan, embeddings: PromptEmbeddings) -> "DenoiseRun":
+        """A step-by-step run: the serving layer streams progress and honours cancellation between steps."""
+        return DenoiseRun(self, plan, embeddings)
+
     def denoise(
         self,
         plan: GenerationPlan,
@@ -99,7 +102,7 @@ class Denoiser:
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
     ) -> torch.Tensor:
-        """Run the sampling loop.
+        """Run the whole sampling loop.
 
         Args:
             plan: the generation plan (sizes, windows, steps, seed, guidance).
@@ -111,44 +114,88 @@ class Denoiser:
         Returns:
             Latents (1, C, latent_frames, latent_height, latent_width), float32 on CPU.
         """
-        # 1. Conditioning on the transformer's device and dtype
-        conds = embeddings.prompt_embeds.to(self.device, self.dtype)
-        uncond = None
-        if embeddings.negative_prompt_embeds is not None and plan.guidance_scale > 1.0:
-            uncond = embeddings.negative_prompt_embeds.to(self.device, self.dtype)
-
-        # 2. Timesteps (a fresh scheduler per call: schedulers keep per-run state)
-        scheduler = self.scheduler_template.__class__.from_config(self.scheduler_template.config)
-        scheduler.set_timesteps(plan.num_inference_steps, device=self.device)
-        scheduler.set_begin_index(0)
-
-        # 3. Initial latents for the whole video
-        latents = initial_noise(plan, self.in_channels).to(self.device)
-        weights = [w.to(self.device).view(1, 1, -1, 1, 1) for w in window_weights(plan.windows, plan.overlap_latent_frames)]
-        n_windows = len(plan.windows)
-
-        # 4. Denoising loop: every window predicts, predictions blend, one step for all
-        for i, t in enumerate(scheduler.timesteps):
+        run = self.start(plan, embeddings)
+        while not run.done:
             if should_cancel is not None and should_cancel():
-                raise GenerationCancelled(f"cancelled at step {i + 1}/{plan.num_inference_steps}")
-            if n_windows == 1:
-                win = plan.windows[0]
-                noise_pred = self._predict(latents, t, conds[win.prompt_index : win.prompt_index + 1], uncond,
-                                           plan.guidance_scale)
-                if progress is not None:
-                    progress({"step": i + 1, "steps": plan.num_inference_steps, "window": 1, "windows": 1})
-            else:
-                noise_pred = torch.zeros_like(latents)
-                weight_sum = torch.zeros((1, 1, plan.latent_frames, 1, 1), device=self.device)
-                for k, (win, w) in enumerate(zip(plan.windows, weights)):
-                    cond = conds[win.prompt_index : win.prompt_index + 1]
-                    pred = self._predict(latents[:, :, win.start : win.end], t, cond, uncond, plan.guidance_scale)
-                    noise_pred[:, :, win.start : win.end] += pred * w
-                    weight_sum[:, :, win.start : win.end] += w
-                    if progress is not None:
-                        progress({"step": i + 1, "steps": plan.num_inference_steps, "window": k + 1,
-                                  "windows": n_windows})
-                noise_pred = noise_pred / weight_sum
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                raise GenerationCancelled(f"cancelled at step {run.step + 1}/{plan.num_inference_steps}")
+            event = run.advance()
+            if progress is not None:
+                progress(event)
+        return run.latents()
 
-        return latents.float().cpu()
+
+class DenoiseRun:
+    """One sampling loop, advanced one (step, window) unit at a time.
+
+    Every step, each window predicts the noise of its frames; after the last window the
+    blended prediction moves the whole latent video by one scheduler step.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, denoiser: Denoiser, plan: GenerationPlan, embeddings: PromptEmbeddings):
+        self.denoiser = denoiser
+        self.plan = plan
+        device, dtype = denoiser.device, denoiser.dtype
+        # 1. Conditioning on the transformer's device and dtype
+        self.conds = embeddings.prompt_embeds.to(device, dtype)
+        self.uncond = None
+        if embeddings.negative_prompt_embeds is not None and plan.guidance_scale > 1.0:
+            self.uncond = embeddings.negative_prompt_embeds.to(device, dtype)
+        # 2. Timesteps (a fresh scheduler per run: schedulers keep per-run state)
+        template = denoiser.scheduler_template
+        self.scheduler = template.__class__.from_config(template.config)
+        self.scheduler.set_timesteps(plan.num_inference_steps, device=device)
+        self.scheduler.set_begin_index(0)
+        self.timesteps = self.scheduler.timesteps
+        # 3. Initial latents for the whole video, and the windows' blend weights
+        self._latents = initial_noise(plan, denoiser.in_channels).to(device)
+        self.weights = [
+            w.to(device).view(1, 1, -1, 1, 1) for w in window_weights(plan.windows, plan.overlap_latent_frames)
+        ]
+        self.step = 0  # steps completed
+        self.window = 0  # windows of the current step completed
+        self._noise_pred = torch.zeros_like(self._latents)
+        self._weight_sum = torch.zeros((1, 1, plan.latent_frames, 1, 1), device=device)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.timesteps)
+
+    @torch.inference_mode()
+    def advance(self) -> dict[str, int]:
+        """Predict the next window of the current step; finish the step after the last window.
+
+        Returns:
+            Progress {"step", "steps", "window", "windows"} (1-based) of the unit just done.
+        """
+        # 4. One window of one denoising step
+        plan, t = self.plan, self.timesteps[self.step]
+        win, w = plan.windows[self.window], self.weights[self.window]
+        cond = self.conds[win.prompt_index : win.prompt_index + 1]
+        pred = self.denoiser._predict(self._latents[:, :, win.start : win.end], t, cond, self.uncond,
+                                      plan.guidance_scale)
+        event = {"step": self.step + 1, "steps": len(self.timesteps), "window": self.window + 1,
+                 "windows": len(plan.windows)}
+        if len(plan.windows) == 1:
+            noise_pred = pred
+        else:
+            self._noise_pred[:, :, win.start : win.end] += pred * w
+            self._weight_sum[:, :, win.start : win.end] += w
+            noise_pred = None
+        self.window += 1
+        if self.window == len(plan.windows):
+            # 5. Blend the windows' predictions and step the whole latent video
+            if noise_pred is None:
+                noise_pred = self._noise_pred / self._weight_sum
+                self._noise_pred.zero_()
+                self._weight_sum.zero_()
+            self._latents = self.scheduler.step(noise_pred, t, self._latents, return_dict=False)[0]
+            self.step += 1
+            self.window = 0
+        return event
+
+    def latents(self) -> torch.Tensor:
+        """The final latents (float32, CPU); only valid once `done`."""
+        if not self.done:
+            raise RuntimeError(f"denoising not finished: {self.step}/{len(self.timesteps)} steps")
+        return self._latents.float().cpu()

@@ -1,0 +1,97 @@
+"""Public front door of the Ray Serve application.
+
+`build_app(args)` is the `import_path` of `serve_config.yaml`
+(`vidgen_serve.serve:build_app`): it validates the args into `ServeSettings` once and
+composes the deployments with `.bind()`. Deployment options below are defaults; the
+`deployments:` section of `serve_config.yaml` overrides them per deployment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .serving.settings import ServeSettings
+
+__all__ = ["ServeSettings", "build_app", "deployment_defaults"]
+
+
+def deployment_defaults(settings: ServeSettings) -> dict[str, dict[str, Any]]:
+    """Default Serve options per deployment, from the profile (CPU shares or GPUs)."""
+    profile = settings.model.model_profile
+    gpu = profile.device == "cuda"
+    tp = profile.tensor_parallel_size
+
+    def stage(cpu: float, max_ongoing: int, max_queued: int, max_replicas: int) -> dict[str, Any]:
+        return {
+            "max_ongoing_requests": max_ongoing,
+            "max_queued_requests": max_queued,
+            "ray_actor_options": {"num_cpus": cpu, **({"num_gpus": 1} if gpu else {})},
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "max_replicas": max_replicas,
+                "target_ongoing_requests": max(1, max_ongoing // 2),
+                "upscale_delay_s": 10,
+                "downscale_delay_s": 120,
+            },
+            "health_check_period_s": 10,
+            "health_check_timeout_s": 60,
+            "graceful_shutdown_timeout_s": 30,
+        }
+
+    denoiser = stage(1 if gpu else 0.2, 1, 8, 4)
+    if tp > 1:
+        from .parallel.group import placement_group_bundles
+
+        # The replica holds bundle 0; its rank workers take bundles 1..N on one node.
+        denoiser["ray_actor_options"] = {"num_cpus": 0}
+        denoiser["placement_group_bundles"] = placement_group_bundles(profile)
+        denoiser["placement_group_strategy"] = "STRICT_PACK"
+    return {
+        "TextEncoder": stage(1 if gpu else 0.1, 8, 64, 4),
+        "Denoiser": denoiser,
+        "DenoiserStandby": {**denoiser, "autoscaling_config": {**denoiser["autoscaling_config"], "max_replicas": 2}},
+        "Decoder": stage(4 if gpu else 0.2, 2, 16, 4),
+        "FailoverRouter": {"num_replicas": 1, "max_ongoing_requests": 1000, "ray_actor_options": {"num_cpus": 0}},
+        "Ingress": {
+            "max_ongoing_requests": 200,
+            "max_queued_requests": 100,
+            "ray_actor_options": {"num_cpus": 0.1},
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 50},
+        },
+    }
+
+
+def build_app(args: dict[str, Any] | None = None):
+    """Compose Ingress -> TextEncoder / FailoverRouter -> Denoiser (+ standby) / Decoder.
+
+    Args:
+        args: the application's `args` from `serve_config.yaml` (see `ServeSettings`).
+
+    Returns:
+        The bound ingress application, ready for `serve.run` / `serve run`.
+    """
+    from ray import serve
+
+    from .serving.ingress import IngressApp
+    from .serving.router import FailoverRouter
+    from .serving.stages import DecoderDeployment, DenoiserDeployment, TextEncoderDeployment
+
+    settings = ServeSettings.model_validate(args or {})
+    config = settings.model
+    opts = deployment_defaults(settings)
+
+    text_encoder = serve.deployment(TextEncoderDeployment, name="TextEncoder", **opts["TextEncoder"]).bind(config)
+    denoisers = {
+        "primary": serve.deployment(DenoiserDeployment, name="Denoiser", **opts["Denoiser"]).bind(config, "primary")
+    }
+    router = None
+    if settings.standby:
+        denoisers["standby"] = serve.deployment(
+            DenoiserDeployment, name="DenoiserStandby", **opts["DenoiserStandby"]
+        ).bind(config, "standby")
+        router = serve.deployment(FailoverRouter, name="FailoverRouter", **opts["FailoverRouter"]).bind(
+            settings, text_encoder, denoisers
+        )
+    decoder = serve.deployment(DecoderDeployment, name="Decoder", **opts["Decoder"]).bind(config)
+    ingress = serve.deployment(IngressApp, name="Ingress", **opts["Ingress"])
+    return ingress.bind(settings, text_encoder, denoisers, decoder, router)

@@ -1,0 +1,171 @@
+"""The three stage deployments: thin wrappers over the plain stage classes.
+
+Each loads its model once per replica, opens a child span per call from the carrier the
+ingress passes, records per-stage metrics, and returns tensors/bytes through Ray.
+The builder wraps these classes with `serve.deployment(...)`; tests may construct them
+directly inside a Ray worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import AppConfig
+from ..errors import VidgenError
+from ..models.loading import resolve_checkpoint
+from ..pipeline.decoder import Decoder
+from ..pipeline.denoiser import Denoiser
+from ..pipeline.text_encoder import PromptEmbeddings, TextEncoder
+from ..plan import GenerationPlan
+from .telemetry import StageMetrics, child_span, configure_tracing
+
+logger = logging.getLogger("vidgen_serve.stages")
+
+
+class TextEncoderDeployment:
+    """Serve wrapper of `TextEncoder`."""
+
+    def __init__(self, config: AppConfig):
+        configure_tracing()
+        self.stage = TextEncoder(config)
+        self.metrics = StageMetrics("text_encode")
+
+    def encode(self, plan: GenerationPlan, carrier: dict | None = None) -> tuple[PromptEmbeddings, dict[str, float]]:
+        """Embeddings for the plan, and {"text_encode": seconds}."""
+        with child_span("text_encode", carrier, prompts=len(plan.prompts)) as span:
+            t0 = time.perf_counter()
+            try:
+                embeddings = self.stage.encode(plan)
+            except Exception:
+                self.metrics.failed("error")
+                raise
+            seconds = time.perf_counter() - t0
+            span.set_attribute("cache_hits", embeddings.cache_hits)
+        self.metrics.observe(seconds, self.stage.device.type)
+        if embeddings.cache_hits:
+            self.metrics.cache.inc(embeddings.cache_hits, tags={"result": "hit"})
+        if embeddings.cache_misses:
+            self.metrics.cache.inc(embeddings.cache_misses, tags={"result": "miss"})
+        return embeddings, {"text_encode": seconds}
+
+    def count_tokens(self, texts: list[str]) -> dict[str, Any]:
+        """Token counts of `texts` and the encoder's limit (for /v1/prompt/analyze)."""
+        return {"tokens": [self.stage.count_tokens(t) for t in texts], "limit": self.stage.max_sequence_length}
+
+
+class FaultInjection(BaseModel):
+    """Drill settings applied live through `reconfigure` (user_config): off by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    extra_latency_s: float = Field(0.0, ge=0, le=600, description="Seconds added to every denoise call.")
+    error_rate: float = Field(0.0, ge=0, le=1, description="Fraction of denoise calls that fail.")
+
+
+class DenoiserDeployment:
+    """Serve wrapper of `Denoiser` (or of a tensor-parallel group of them).
+
+    `denoise` is an async generator: it yields {"progress": ...} after every (step,
+    window) unit and finally {"latents": ..., "timings": ...}. Each unit runs on this
+    replica's worker thread; when the caller cancels (client gone, deadline, DELETE),
+    the generator stops at the next unit boundary.
+    """
+
+    def __init__(self, config: AppConfig, role: str = "primary"):
+        configure_tracing()
+        self.role = role
+        profile = config.model_profile
+        if profile.tensor_parallel_size > 1:
+            from ..parallel.group import TensorParallelDenoiser
+
+            self.stage: Any = TensorParallelDenoiser(config)
+        else:
+            self.stage = Denoiser(config, resolve_checkpoint(config))
+        self.device_type = profile.device
+        self.metrics = StageMetrics("denoise")
+        self.faults = FaultInjection()
+        # One run at a time per replica; steps of a run execute in order on this thread.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"denoise-{role}")
+
+    def reconfigure(self, user_config: dict | None) -> None:
+        """Apply `user_config` live: `{"fault_injection": {"extra_latency_s": .., "error_rate": ..}}`."""
+        self.faults = FaultInjection.model_validate((user_config or {}).get("fault_injection") or {})
+        if self.faults != FaultInjection():
+            logger.warning("fault injection active on %s denoiser: %s", self.role, self.faults.model_dump())
+
+    async def denoise(
+        self, plan: GenerationPlan, embeddings: PromptEmbeddings, carrier: dict | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        with child_span("denoise", carrier, role=self.role, steps=plan.num_inference_steps,
+                        windows=len(plan.windows)):
+            t0 = time.perf_counter()
+            try:
+                if self.faults.extra_latency_s:
+                    await asyncio.sleep(self.faults.extra_latency_s)
+                if self.faults.error_rate and random.random() < self.faults.error_rate:
+                    raise VidgenError(503, f"injected fault in the {self.role} denoiser", code="injected_fault")
+                run = await loop.run_in_executor(self._executor, self.stage.start, plan, embeddings)
+                while not run.done:
+                    event = await loop.run_in_executor(self._executor, run.advance)
+                    yield {"progress": event}
+                latents = await loop.run_in_executor(self._executor, run.latents)
+            except asyncio.CancelledError:
+                self.metrics.failed("cancelled")
+                raise
+            except Exception:
+                self.metrics.failed("error")
+                raise
+            seconds = time.perf_counter() - t0
+        self.metrics.observe(seconds, self.device_type)
+        yield {"latents": latents, "timings": {"denoise": seconds}, "role": self.role}
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; a broken tensor-parallel group makes the replica unhealthy."""
+        check = getattr(self.stage, "check_health", None)
+        if check is not None:
+            check()
+
+    def __del__(self):
+        close = getattr(getattr(self, "stage", None), "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # interpreter shutdown: nothing useful to do
+                pass
+
+
+class DecoderDeployment:
+    """Serve wrapper of `Decoder`: latents in, MP4 bytes out."""
+
+    def __init__(self, config: AppConfig):
+        configure_tracing()
+        self.stage = Decoder(config)
+        self.metrics = StageMetrics("decode")
+
+    def decode(
+        self, plan: GenerationPlan, latents: Any, carrier: dict | None = None
+    ) -> tuple[bytes, dict[str, float]]:
+        """MP4 bytes and {"vae_decode": s, "encode": s}."""
+        with child_span("decode", carrier, output=f"{plan.output_width}x{plan.output_height}"):
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="vidgen-decode-") as tmp:
+                path = os.path.join(tmp, "video.mp4")
+                try:
+                    timings = self.stage.decode(plan, latents, path)
+                except Exception:
+                    self.metrics.failed("error")
+                    raise
+                with open(path, "rb") as f:
+                    data = f.read()
+        self.metrics.observe(time.perf_counter() - t0, self.stage.device.type)
+        return data, timings
