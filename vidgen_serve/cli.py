@@ -54,9 +54,7 @@ def _config(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
-    from tqdm import tqdm
 
-    from .pipeline import VideoPipeline
     from .plan import build_plan
     from .request import parse_request
 
@@ -71,6 +69,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise VidgenError(422, f"invalid configuration: {exc.errors(include_url=False)[0]['msg']}") from None
     request = parse_request(_request_body(args))
     plan = build_plan(request, config)  # validate before loading any model
+
+    # torch, diffusers (and DeepSpeed's start-up chatter) only once the request is known good:
+    # a bad request fails in a second instead of after the model stack imports.
+    from tqdm import tqdm
+
+    from .pipeline import VideoPipeline
 
     denoiser = None
     if config.model_profile.tensor_parallel_size > 1:
@@ -94,6 +98,65 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
     print(schema_json())
     return 0
+
+
+def _local_key_file(state_dir: Path) -> Path:
+    """A per-checkout API key for local use, created once (mode 0600)."""
+    import secrets
+
+    path = state_dir / "api_key"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the Ray Serve application from serve_config.yaml (host/port overridable)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    config_path = Path(args.config)
+    if not config_path.is_file():
+        raise VidgenError(400, f"--config {args.config!r}: no such file")
+    config = yaml.safe_load(config_path.read_text())
+    config.setdefault("http_options", {}).update(host=args.host, port=args.port)
+    env = dict(os.environ)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    state_dir = Path(config["applications"][0].get("args", {}).get("state_dir", "var"))
+    if not env.get("VIDGEN_API_KEYS") and not env.get("VIDGEN_API_KEYS_FILE"):
+        key_file = _local_key_file(state_dir).resolve()
+        env["VIDGEN_API_KEYS_FILE"] = str(key_file)
+        if not env.get("VIDGEN_ADMIN_KEYS") and not env.get("VIDGEN_ADMIN_KEYS_FILE"):
+            env["VIDGEN_ADMIN_KEYS_FILE"] = str(key_file)  # local use: the operator is the admin
+        key_hint = f"$(cat {key_file})"
+    else:
+        key_hint = "$YOUR_KEY"
+    base = f"http://{args.host}:{args.port}"
+    print(
+        f"vidgen-serve: starting on {base} (profile {config['applications'][0]['args']['model']['profile']}); "
+        f"ready when {base}/readyz says so. Try:\n"
+        f"  curl -X POST {base}/v1/video/generate -H \"Authorization: Bearer {key_hint}\" "
+        f"-H 'Content-Type: application/json' -o cat.mp4 \\\n"
+        f"    -d '{{\"prompt\": \"一只橘猫在樱花树下追逐蝴蝶\", \"style\": \"realistic\", \"duration\": 8, "
+        f"\"resolution\": \"1080p\"}}'",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve_bin = shutil.which("serve", path=str(Path(sys.executable).parent)) or shutil.which("serve")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="serve_config.", dir=".", delete=False) as tmp:
+        yaml.safe_dump(config, tmp, allow_unicode=True, sort_keys=False)
+    try:
+        return subprocess.call([serve_bin, "run", tmp.name], env=env)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        os.unlink(tmp.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", "-o", required=True, help="MP4 file to write")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="run the HTTP service (Ray Serve) from serve_config.yaml")
+    srv.add_argument("--config", default="serve_config.yaml")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.set_defaults(func=cmd_serve)
 
     schema = sub.add_parser("schema", help="print the request JSON Schema")
     schema.set_defaults(func=cmd_schema)

@@ -183,9 +183,11 @@ class Ingress:
         return key
 
     def _admin(self, request: Request) -> None:
-        self._auth(request)
-        if self.admin_keys.check(request.headers.get("authorization")) is None:
-            raise VidgenError(403, "this endpoint needs an admin key (VIDGEN_ADMIN_KEYS)", code="forbidden")
+        # An admin key need not also be an API key (VIDGEN_ADMIN_KEYS is its own list).
+        if self.admin_keys.check(request.headers.get("authorization")) is not None:
+            return
+        self._auth(request)  # no/invalid key: 401; a valid non-admin key: 403
+        raise VidgenError(403, "this endpoint needs an admin key (VIDGEN_ADMIN_KEYS)", code="forbidden")
 
     async def _json_body(self, request: Request) -> Any:
         limit = self.settings.max_body_bytes

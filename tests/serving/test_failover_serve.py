@@ -1,0 +1,98 @@
+"""Latency failover on real Ray Serve (CPU, tiny): slow primary -> standby -> back to primary."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+API_KEY, ADMIN_KEY = "drill-user-key", "drill-admin-key"
+REQUEST = {"prompt": "a lighthouse at dusk", "duration": 1, "resolution": "480p", "num_inference_steps": 2,
+           "seed": 0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def drill_config(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    os.environ["VIDGEN_API_KEYS"] = API_KEY
+    os.environ["VIDGEN_ADMIN_KEYS"] = ADMIN_KEY
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    port = _free_port()
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"].update(
+        state_dir=str(tmp_path_factory.mktemp("failover-state")),
+        # A wide threshold and a large injected delay keep this test about the switching
+        # mechanics, not about the noise of a shared 2-core machine (the policy's own unit
+        # tests pin the exact 1.2x rule).
+        failover={"threshold_ratio": 2.0, "consecutive_breaches": 3, "learn_calls": 3, "probe_interval_s": 1,
+                  "healthy_probes_to_fail_back": 2},
+        probe_request=copy.deepcopy(REQUEST),
+    )
+    for dep in app["deployments"]:  # one replica each: 2 cores
+        if "autoscaling_config" in dep:
+            dep["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        yield config, f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_slow_primary_fails_over_to_standby_and_back(drill_config):
+    from vidgen_serve.drill import failover_drill
+
+    config, base_url = drill_config
+    report = failover_drill(config, base_url, API_KEY, ADMIN_KEY, REQUEST, steady_calls=4, extra_latency_s=4.0)
+
+    # Nothing is lost during a switch: every call of the scenario succeeded.
+    assert [c.status for c in report.calls] == [200] * len(report.calls), report.calls
+    assert all(c.target == "primary" for c in report.phase("steady"))
+    # Exactly 3 slow primary calls trip the router; the 4th is served by the standby.
+    assert report.slow_calls_to_switch == 3, report.calls
+    fault = report.phase("fault")
+    assert [c.target for c in fault] == ["primary"] * 3 + ["standby"]
+    assert all(c.seconds >= 4.0 for c in fault[:3])
+    assert fault[3].seconds < 4.0  # the standby is not slowed down
+
+    router = report.router_after_switch
+    assert router["active"] == "standby" and router["state"] == "failed_over"
+    switch = router["switches"][-1]
+    assert switch["kind"] == "failover" and switch["from_target"] == "primary" and switch["to_target"] == "standby"
+
+    # With the fault removed, probes bring traffic back to the primary.
+    assert report.seconds_to_fail_back is not None, report.calls
+    assert report.phase("recovery")[-1].target == "primary"
+
+
+def test_router_endpoint_needs_an_admin_key(drill_config):
+    import httpx
+
+    _, base_url = drill_config
+    r = httpx.get(f"{base_url}/v1/admin/router", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    r = httpx.get(f"{base_url}/v1/admin/router")
+    assert r.status_code == 401
+    r = httpx.get(f"{base_url}/v1/admin/router", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["enabled"] is True and body["active"] in ("primary", "standby")
+    assert {"targets", "switches", "state"} <= set(body)
+    assert len(body["switches"]) >= 2  # failover then failback, from the drill above
