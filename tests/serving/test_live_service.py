@@ -96,3 +96,38 @@ def test_router_endpoint_needs_an_admin_key(drill_config):
     assert body["enabled"] is True and body["active"] in ("primary", "standby")
     assert {"targets", "switches", "state"} <= set(body)
     assert len(body["switches"]) >= 2  # failover then failback, from the drill above
+
+
+def test_locust_load_run_against_the_service(drill_config, tmp_path):
+    """The Locust file drives the live service: bounded users and time, loopback only."""
+    import subprocess
+    import sys
+
+    _, base_url = drill_config
+    env = dict(os.environ, VIDGEN_API_KEY=API_KEY,
+               VIDGEN_LOADTEST_REQUEST='{"prompt": "load", "duration": 1, "resolution": "480p", '
+                                       '"num_inference_steps": 2}')
+    csv = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), "--host", base_url,
+         "--headless", "-u", "2", "-r", "2", "-t", "25s", "--csv", str(csv), "--only-summary"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r.split(",")[1]: r.split(",") for r in (tmp_path / "run_stats.csv").read_text().splitlines()[1:]}
+    generate = rows["generate"]
+    requests, failures = int(generate[2]), int(generate[3])
+    assert requests >= 2 and failures == 0, generate
+
+
+def test_locust_refuses_a_non_loopback_host():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), "--host",
+         "http://192.0.2.10:8000", "--headless", "-u", "1", "-t", "2s"],
+        env=dict(os.environ, VIDGEN_API_KEY="x"), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "loopback only" in result.stderr + result.stdout
