@@ -24,12 +24,14 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 JOB_POLL_TIMEOUT_S = 300
 
 
-@events.test_start.add_listener
+@events.init.add_listener
 def _check_host(environment, **_kwargs):
+    # Checked at start-up, before any user exists, so a wrong --host sends nothing.
     host = urlparse(environment.host or "").hostname
     if host not in LOOPBACK and os.environ.get("VIDGEN_LOADTEST_ALLOW_REMOTE") != "1":
-        raise SystemExit(f"refusing to load-test {environment.host!r}: loopback only "
-                         "(set VIDGEN_LOADTEST_ALLOW_REMOTE=1 for a staging cluster you own)")
+        print(f"refusing to load-test {environment.host!r}: loopback only "
+              "(set VIDGEN_LOADTEST_ALLOW_REMOTE=1 for a staging cluster you own)")
+        os._exit(2)
 
 
 def _request_body() -> dict:
