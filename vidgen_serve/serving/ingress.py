@@ -333,6 +333,11 @@ class Ingress:
 
     # ---- async jobs ---------------------------------------------------------------------
 
+    async def check_health(self) -> None:
+        """Serve's periodic health check; also (re)starts the job worker, so a restarted
+        replica resumes recovered jobs even before its first request."""
+        self._ensure_worker()
+
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._job_worker())
