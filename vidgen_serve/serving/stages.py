@@ -115,10 +115,15 @@ class DenoiserDeployment:
                 if self.faults.error_rate and random.random() < self.faults.error_rate:
                     raise VidgenError(503, f"injected fault in the {self.role} denoiser", code="injected_fault")
                 run = await loop.run_in_executor(self._executor, self.stage.start, plan, embeddings)
-                while not run.done:
-                    event = await loop.run_in_executor(self._executor, run.advance)
-                    yield {"progress": event}
-                latents = await loop.run_in_executor(self._executor, run.latents)
+                try:
+                    while not run.done:
+                        event = await loop.run_in_executor(self._executor, run.advance)
+                        yield {"progress": event}
+                    latents = await loop.run_in_executor(self._executor, run.latents)
+                finally:
+                    release = getattr(run, "release", None)  # TP runs hold state on every rank
+                    if release is not None:
+                        self._executor.submit(release)
             except asyncio.CancelledError:
                 self.metrics.failed("cancelled")
                 raise

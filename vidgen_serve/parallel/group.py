@@ -1,0 +1,655 @@
+"""One Denoiser replica = a tensor-parallel group of N Ray worker actors in a placement group.
+
+See ``DESIGN.md`` -> "Tensor-parallel denoiser".  The Serve Denoiser replica owns a placement
+group (``STRICT_PACK``): bundle 0 for the replica itself, bundles 1..N one per rank (one GPU each
+on GPU profiles, a CPU fraction on CPU).  :class:`TensorParallelDenoiser` is what the replica
+holds instead of a :class:`~vidgen_serve.pipeline.denoiser.Denoiser`: it starts N
+:class:`TensorParallelWorker` actors in bundles 1..N, they form a ``torch.distributed`` group
+(NCCL on GPU, gloo on CPU) and shard the Wan transformer with DeepSpeed; every step all ranks
+run the same (step, window) unit and rank 0 returns the latents.
+
+Outside Serve (CLI ``--tp N``, tests) there is no current placement group, so the front creates
+one for the ranks and removes it in :meth:`TensorParallelDenoiser.close`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import torch
+
+from ..config import AppConfig, ModelProfile
+from ..errors import GenerationCancelled
+from ..plan import GenerationPlan
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_CPUS_PER_RANK",
+    "DEFAULT_REPLICA_CPUS",
+    "TensorParallelDenoiser",
+    "TensorParallelRun",
+    "TensorParallelWorker",
+    "placement_group_bundles",
+    "valid_tp_sizes",
+    "validate_tp",
+]
+
+#: CPU fraction of one rank's bundle on CPU profiles (the CPU machine has 2 cores and many replicas).
+DEFAULT_CPUS_PER_RANK = 0.25
+#: CPUs of bundle 0, the Serve replica itself (it only relays calls to the ranks).
+DEFAULT_REPLICA_CPUS = 0.1
+
+# How long a dead rank's collective partner may take to fail before we report the first error.
+_FAILURE_GRACE_S = 3.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and placement-group layout
+# ---------------------------------------------------------------------------------------------
+
+
+def _profile_of(profile_or_config: ModelProfile | AppConfig) -> ModelProfile:
+    if isinstance(profile_or_config, AppConfig):
+        return profile_or_config.model_profile
+    return profile_or_config
+
+
+def valid_tp_sizes(profile: ModelProfile | AppConfig) -> list[int]:
+    """Tensor-parallel sizes this profile accepts: divisors of the heads (<= gpus_per_node on GPU)."""
+    profile = _profile_of(profile)
+    heads = profile.num_attention_heads
+    limit = heads if profile.device != "cuda" else min(heads, profile.gpus_per_node)
+    return [n for n in range(1, limit + 1) if heads % n == 0]
+
+
+def validate_tp(profile: ModelProfile | AppConfig) -> int:
+    """Check the profile's ``tensor_parallel_size`` before any worker starts; returns it.
+
+    Raises ``ValueError`` naming the heads and the valid sizes when the size does not divide
+    ``num_attention_heads`` or (GPU profiles) exceeds ``gpus_per_node`` (a TP group is one node).
+    ``ModelProfile`` runs the same checks when it is validated; this repeats them for profiles
+    built without validation and gives the serving layer one call to make.
+    """
+    profile = _profile_of(profile)
+    tp = int(profile.tensor_parallel_size)
+    heads = int(profile.num_attention_heads)
+    valid = valid_tp_sizes(profile)
+    if tp < 1:
+        raise ValueError(f"tensor_parallel_size={tp} must be >= 1 (valid sizes: {valid})")
+    if heads % tp:
+        raise ValueError(
+            f"profile {profile.name!r}: tensor_parallel_size={tp} must divide num_attention_heads={heads} "
+            f"(each rank attends with heads/N heads; valid sizes: {valid})"
+        )
+    if profile.device == "cuda" and tp > profile.gpus_per_node:
+        raise ValueError(
+            f"profile {profile.name!r}: tensor_parallel_size={tp} exceeds gpus_per_node={profile.gpus_per_node} "
+            f"(a tensor-parallel group must fit one node; valid sizes: {valid})"
+        )
+    return tp
+
+
+def rank_bundle(profile: ModelProfile, cpus_per_rank: float = DEFAULT_CPUS_PER_RANK) -> dict[str, float]:
+    """Resources of one rank: a GPU (and a CPU) on GPU profiles, a CPU fraction otherwise."""
+    if profile.device == "cuda":
+        return {"GPU": 1, "CPU": 1}
+    return {"CPU": float(cpus_per_rank)}
+
+
+def placement_group_bundles(
+    profile: ModelProfile | AppConfig,
+    cpus_per_rank: float = DEFAULT_CPUS_PER_RANK,
+    replica_cpus: float = DEFAULT_REPLICA_CPUS,
+) -> list[dict[str, float]]:
+    """The Denoiser replica's placement-group bundles (use with ``placement_group_strategy="STRICT_PACK"``).
+
+    Bundle 0 is the replica itself (``{"CPU": replica_cpus}``; the replica's
+    ``ray_actor_options`` must fit it), bundles 1..N are the ranks: ``{"GPU": 1, "CPU": 1}`` on GPU
+    profiles, ``{"CPU": cpus_per_rank}`` on CPU.  Validates the TP size first.
+    """
+    profile = _profile_of(profile)
+    tp = validate_tp(profile)
+    return [{"CPU": float(replica_cpus)}] + [rank_bundle(profile, cpus_per_rank) for _ in range(tp)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The rank worker (a Ray actor)
+# ---------------------------------------------------------------------------------------------
+
+
+class TensorParallelWorker:
+    """One rank of a tensor-parallel denoiser: a sharded transformer wrapped in a ``Denoiser``.
+
+    A plain class: :class:`TensorParallelDenoiser` wraps it with ``ray.remote``.  Construction is
+    cheap; :meth:`setup` joins the process group, loads the checkpoint's transformer on CPU,
+    shards it over the group (DeepSpeed) and moves it to this rank's device.  Passing
+    ``master_addr``/``master_port`` to the constructor calls :meth:`setup` right away.
+
+    Every rank must see the same calls in the same order (the sharded forward all-reduces);
+    rank 0 returns the latents, the other ranks return None.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        config: AppConfig,
+        checkpoint: str | None = None,
+        master_addr: str | None = None,
+        master_port: int | None = None,
+        max_runs: int = 8,
+    ):
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.config = config
+        self.profile = config.model_profile
+        self.checkpoint = checkpoint
+        self.max_runs = max_runs
+        self.denoiser = None
+        self.device: torch.device | None = None
+        self.backend: str | None = None
+        self._runs: OrderedDict[Any, Any] = OrderedDict()
+        if master_addr is not None and master_port is not None:
+            self.setup(master_addr, master_port)
+
+    # -- group formation ---------------------------------------------------------------------
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(node IP, a free TCP port on it): the group's master address when asked of rank 0."""
+        from .tensor_parallel import find_free_port
+
+        try:
+            import ray
+
+            ip = ray.util.get_node_ip_address()
+        except Exception:  # noqa: BLE001 - outside Ray
+            ip = "127.0.0.1"
+        return ip, find_free_port(ip)
+
+    def setup(self, master_addr: str, master_port: int, timeout_s: float = 600.0) -> dict:
+        """Join the group, load + shard the transformer, build this rank's ``Denoiser``."""
+        from ..models.loading import DTYPES, load_transformer, resolve_checkpoint
+        from ..pipeline.denoiser import Denoiser
+        from .tensor_parallel import init_tp_process_group, shard_wan_transformer
+
+        if self.denoiser is not None:
+            return self.info()
+        profile = self.profile
+        on_gpu = profile.device == "cuda"
+        if on_gpu:
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"tensor-parallel rank {self.rank}: profile {profile.name} needs CUDA, none visible")
+            # Ray exposes exactly the actor's GPU (CUDA_VISIBLE_DEVICES), so it is cuda:0 there.
+            count = torch.cuda.device_count()
+            local_rank = 0 if count == 1 else self.rank % count
+            backend = "nccl"
+        else:
+            local_rank = self.rank
+            backend = "gloo"
+        self.backend = init_tp_process_group(
+            self.rank, self.world_size, master_addr, int(master_port), backend=backend,
+            local_rank=local_rank, timeout_s=timeout_s,
+        )
+        checkpoint = self.checkpoint or resolve_checkpoint(self.config)
+        self.checkpoint = checkpoint
+        dtype = DTYPES[profile.dtype]
+        transformer = load_transformer(checkpoint, profile, device=None)
+        sharded = shard_wan_transformer(transformer, self.world_size, dtype=dtype)
+        self.device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+        sharded = sharded.to(self.device).eval().requires_grad_(False)
+        self.denoiser = Denoiser(self.config, checkpoint, transformer=sharded, device=self.device)
+        return self.info()
+
+    def info(self) -> dict:
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "backend": self.backend,
+            "device": str(self.device),
+            "ready": self.denoiser is not None,
+            "parameter_bytes": self.parameter_bytes() if self.denoiser is not None else None,
+        }
+
+    # -- denoising -----------------------------------------------------------------------------
+
+    def _require(self):
+        if self.denoiser is None:
+            raise RuntimeError(f"tensor-parallel rank {self.rank} is not set up")
+        return self.denoiser
+
+    def start(self, plan: GenerationPlan, embeddings, run_id: Any = None) -> dict:
+        """Create a ``DenoiseRun`` (kept under ``run_id``); returns its {"steps", "windows"}."""
+        run = self._require().start(plan, embeddings)
+        self._runs[run_id] = run
+        self._runs.move_to_end(run_id)
+        while len(self._runs) > self.max_runs:  # abandoned runs (cancelled without release)
+            self._runs.popitem(last=False)
+        return {"steps": len(run.timesteps), "windows": len(plan.windows)}
+
+    def _run(self, run_id: Any):
+        try:
+            return self._runs[run_id]
+        except KeyError:
+            raise RuntimeError(f"tensor-parallel rank {self.rank}: no run {run_id!r} (not started or released)") from None
+
+    def advance(self, run_id: Any = None) -> dict[str, int]:
+        """One (step, window) unit of the run, on this rank's shard; the progress dict."""
+        return self._run(run_id).advance()
+
+    def latents(self, run_id: Any = None, release: bool = True) -> torch.Tensor | None:
+        """The run's final latents (float32, CPU) on rank 0; None on the others."""
+        run = self._run(run_id)
+        out = run.latents() if self.rank == 0 else None
+        if release:
+            self._runs.pop(run_id, None)
+        return out
+
+    def release(self, run_id: Any = None) -> None:
+        self._runs.pop(run_id, None)
+
+    # -- introspection / lifecycle -------------------------------------------------------------
+
+    def parameter_bytes(self) -> int:
+        """Bytes of the transformer parameters this rank holds."""
+        from .tensor_parallel import parameter_bytes
+
+        return parameter_bytes(self._require().transformer)
+
+    def ping(self) -> dict:
+        """Liveness; the front calls it in the "health" concurrency group, so it answers while a step runs."""
+        return {"rank": self.rank, "ready": self.denoiser is not None}
+
+    def shutdown(self) -> None:
+        """Drop the runs and the model and leave the process group."""
+        import torch.distributed as dist
+
+        self._runs.clear()
+        self.denoiser = None
+        try:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort; the actor is killed next anyway
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The front: what the Serve replica holds
+# ---------------------------------------------------------------------------------------------
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = text.splitlines()
+    return lines[-1] if len(lines) > 6 else text
+
+
+def _ping(worker) -> Any:
+    """``worker.ping`` in the actor's "health" concurrency group (not queued behind a step)."""
+    return worker.ping.options(concurrency_group="health").remote()
+
+
+class TensorParallelRun:
+    """A step-by-step run on the group (the ``DenoiseRun`` interface: ``advance``, ``done``, ``latents``)."""
+
+    def __init__(self, owner: "TensorParallelDenoiser", run_id: int, plan: GenerationPlan, steps: int, windows: int):
+        self.owner = owner
+        self.run_id = run_id
+        self.plan = plan
+        self.steps = steps
+        self.windows = windows
+        self.step = 0  # steps completed
+        self.window = 0  # windows of the current step completed
+        self._released = False
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.steps
+
+    def advance(self) -> dict[str, int]:
+        """Run the next (step, window) unit on every rank; rank 0's progress dict."""
+        if self.done:
+            raise RuntimeError(f"denoising already finished: {self.step}/{self.steps} steps")
+        event = self.owner._call_all("advance", self.run_id, timeout=self.owner.step_timeout_s)[0]
+        if event["window"] >= event["windows"]:
+            self.step, self.window = event["step"], 0
+        else:
+            self.step, self.window = event["step"] - 1, event["window"]
+        return event
+
+    def latents(self) -> torch.Tensor:
+        """The final latents from rank 0 (float32, CPU); only valid once ``done``."""
+        if not self.done:
+            raise RuntimeError(f"denoising not finished: {self.step}/{self.steps} steps")
+        out = self.owner._call_ranks("latents", [0], self.run_id, True, timeout=self.owner.step_timeout_s)[0]
+        self.release()
+        return out
+
+    def release(self) -> None:
+        """Free the run's state on every rank (fire and forget)."""
+        if not self._released:
+            self._released = True
+            self.owner._release(self.run_id)
+
+
+class TensorParallelDenoiser:
+    """A Denoiser whose transformer is sharded over ``tensor_parallel_size`` Ray worker actors.
+
+    Duck-types :class:`~vidgen_serve.pipeline.denoiser.Denoiser`: :meth:`start` returns a run
+    with ``advance()``/``done``/``latents()``, :meth:`denoise` runs the whole loop.  Plus
+    :meth:`check_health` (raises when a rank died, hangs, or the group broke) and :meth:`close`.
+
+    Args:
+        config: application config; its profile's ``tensor_parallel_size`` is the group size.
+        checkpoint: checkpoint path (default: the profile's, resolved here).
+        placement_group: the group whose bundles ``bundle_offset .. bundle_offset+N-1`` hold the
+            ranks.  Default: the caller's current placement group (a Serve replica's), ranks in
+            bundles 1..N; without one, a ``STRICT_PACK`` group of N rank bundles is created here
+            and removed by :meth:`close`.
+        cpus_per_rank: CPU fraction per rank in a created placement group (CPU profiles).
+        setup_timeout_s / step_timeout_s / health_timeout_s: limits on group formation + model
+            load, one (step, window) unit, and a health ping.
+    """
+
+    def __init__(
+        self,
+        config: AppConfig,
+        checkpoint: str | None = None,
+        *,
+        placement_group: Any = None,
+        bundle_offset: int | None = None,
+        cpus_per_rank: float = DEFAULT_CPUS_PER_RANK,
+        setup_timeout_s: float = 600.0,
+        step_timeout_s: float = 600.0,
+        health_timeout_s: float = 30.0,
+    ):
+        self.config = config
+        self.profile = config.model_profile
+        self.tp_size = validate_tp(self.profile)  # before any worker (or placement group) starts
+
+        import ray
+        from ray.util.placement_group import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not ray.is_initialized():
+            raise RuntimeError("TensorParallelDenoiser needs Ray (ray.init() or a Serve replica); "
+                               "use LocalTensorParallelDenoiser for a local group")
+
+        from ..models.loading import resolve_checkpoint
+
+        self.checkpoint = checkpoint or resolve_checkpoint(config)
+        self.device = torch.device("cpu")  # where latents come back
+        self.step_timeout_s = step_timeout_s
+        self.health_timeout_s = health_timeout_s
+        self.workers: list[Any] = []
+        self._owns_pg = False
+        self._pg = None
+        self._broken: str | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self._run_ids = itertools.count(1)
+
+        try:
+            pg = placement_group if placement_group is not None else get_current_placement_group()
+            if pg is None:
+                bundles = [rank_bundle(self.profile, cpus_per_rank) for _ in range(self.tp_size)]
+                pg = ray.util.placement_group(bundles, strategy="STRICT_PACK",
+                                              name=f"vidgen-tp-{id(self):x}")
+                self._pg, self._owns_pg = pg, True
+                offset = 0 if bundle_offset is None else bundle_offset
+                try:
+                    ray.get(pg.ready(), timeout=setup_timeout_s)
+                except ray.exceptions.GetTimeoutError:
+                    raise RuntimeError(
+                        f"could not reserve {self.tp_size} tensor-parallel bundles {bundles} (STRICT_PACK) within "
+                        f"{setup_timeout_s:.0f}s; cluster resources: {ray.cluster_resources()}"
+                    ) from None
+            else:
+                self._pg = pg
+                offset = 1 if bundle_offset is None else bundle_offset
+            specs = list(pg.bundle_specs)
+            if len(specs) < offset + self.tp_size:
+                raise RuntimeError(
+                    f"placement group has {len(specs)} bundles; tensor_parallel_size={self.tp_size} needs "
+                    f"{offset + self.tp_size} (bundle 0 for the replica, one per rank: use "
+                    f"placement_group_bundles(profile))"
+                )
+
+            worker_cls = ray.remote(concurrency_groups={"health": 1})(TensorParallelWorker)
+            for rank in range(self.tp_size):
+                spec = specs[offset + rank]
+                options: dict[str, Any] = dict(
+                    num_cpus=spec.get("CPU", 0),
+                    num_gpus=spec.get("GPU", 0),
+                    max_restarts=0,
+                    max_task_retries=0,
+                    name=None,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=pg,
+                        placement_group_bundle_index=offset + rank,
+                        placement_group_capture_child_tasks=False,
+                    ),
+                )
+                self.workers.append(
+                    worker_cls.options(**options).remote(rank, self.tp_size, config, self.checkpoint)
+                )
+            master_addr, master_port = self._call_ranks("rendezvous", [0], timeout=setup_timeout_s)[0]
+            self.master = (master_addr, master_port)
+            self.infos = self._call_all("setup", master_addr, master_port, setup_timeout_s,
+                                        timeout=setup_timeout_s)
+            self._broken = None
+        except BaseException:
+            self.close()
+            raise
+
+    # -- calls to the ranks --------------------------------------------------------------------
+
+    def _call_all(self, method: str, *args: Any, timeout: float) -> list[Any]:
+        return self._call_ranks(method, range(len(self.workers)), *args, timeout=timeout)
+
+    def _call_ranks(self, method: str, ranks: Sequence[int], *args: Any, timeout: float) -> list[Any]:
+        """Call ``method`` on ``ranks`` (submitted together, in rank order); their results.
+
+        On a dead rank, a failed rank or a timeout the group is marked broken and a
+        ``RuntimeError`` names the rank (dead ranks first: a dead rank makes its peers fail in
+        their collectives, and that is the symptom, not the cause).
+        """
+        import ray
+        from ray.exceptions import RayActorError
+
+        if self._closed:
+            raise RuntimeError("tensor-parallel group is closed")
+        if self._broken:
+            raise RuntimeError(f"tensor-parallel group is broken: {self._broken}")
+        ranks = list(ranks)
+        with self._lock:  # one submitter at a time: every rank sees the calls in the same order
+            refs = [getattr(self.workers[r], method).remote(*args) for r in ranks]
+        rank_of = {ref: r for ref, r in zip(refs, ranks)}
+        results: dict[int, Any] = {}
+        errors: dict[int, tuple[str, BaseException]] = {}
+        pending = list(refs)
+        deadline = time.monotonic() + timeout
+        grace_deadline = None
+        while pending:
+            now = time.monotonic()
+            limit = deadline if grace_deadline is None else min(deadline, grace_deadline)
+            if now >= limit:
+                break
+            ready, pending = ray.wait(pending, num_returns=1, timeout=limit - now)
+            for ref in ready:
+                r = rank_of[ref]
+                try:
+                    results[r] = ray.get(ref)
+                except RayActorError as exc:
+                    errors[r] = ("died", exc)
+                except Exception as exc:  # noqa: BLE001 - RayTaskError from the rank
+                    errors[r] = ("failed", exc)
+                if errors and grace_deadline is None:
+                    grace_deadline = time.monotonic() + _FAILURE_GRACE_S
+        if errors:
+            died = sorted(r for r, (kind, _) in errors.items() if kind == "died")
+            # A peer blocked in a collective with a dead rank may not have failed yet: ask.
+            if not died:
+                died = [r for r in self._dead_ranks(exclude=errors) if r not in errors]
+                for r in died:
+                    errors[r] = ("died", RuntimeError("actor is dead"))
+            first = died[0] if died else min(errors)
+            kind, exc = errors[first]
+            message = f"tensor-parallel rank {first} {kind}: {_describe(exc)} (during {method})"
+            others = [f"rank {r} {k}" for r, (k, _) in sorted(errors.items()) if r != first]
+            if others:
+                message += f" (also: {', '.join(others)})"
+            self._mark_broken(message)
+            raise RuntimeError(message) from exc
+        if pending:
+            missing = sorted(rank_of[ref] for ref in pending)
+            message = (f"tensor-parallel {method} timed out after {timeout:.0f}s; "
+                       f"ranks not answering: {missing}")
+            self._mark_broken(message)
+            raise RuntimeError(message)
+        return [results[r] for r in ranks]
+
+    def _dead_ranks(self, exclude=()) -> list[int]:
+        """Ranks whose actor no longer answers a ping (short timeout)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        dead = []
+        refs = {r: _ping(w) for r, w in enumerate(self.workers) if r not in exclude}
+        for r, ref in refs.items():
+            try:
+                ray.get(ref, timeout=2.0)
+            except RayActorError:
+                dead.append(r)
+            except (GetTimeoutError, Exception):  # noqa: BLE001
+                pass
+        return dead
+
+    def _mark_broken(self, message: str) -> None:
+        if self._broken is None:
+            logger.error("tensor-parallel group broken: %s", message)
+            self._broken = message
+
+    def _release(self, run_id: int) -> None:
+        if self._closed or self._broken:
+            return
+        with self._lock:
+            for w in self.workers:
+                try:
+                    w.release.remote(run_id)
+                except Exception:  # noqa: BLE001
+                    pass
+
+    # -- the Denoiser interface ----------------------------------------------------------------
+
+    @property
+    def broken(self) -> str | None:
+        """Why the group is unusable (None while healthy)."""
+        return self._broken
+
+    def start(self, plan: GenerationPlan, embeddings) -> TensorParallelRun:
+        """Start a run on every rank (same plan and embeddings everywhere)."""
+        import ray
+
+        run_id = next(self._run_ids)
+        plan_ref, emb_ref = ray.put(plan), ray.put(embeddings)
+        info = self._call_all("start", plan_ref, emb_ref, run_id, timeout=self.step_timeout_s)[0]
+        return TensorParallelRun(self, run_id, plan, info["steps"], info["windows"])
+
+    def denoise(self, plan: GenerationPlan, embeddings, progress=None, should_cancel=None) -> torch.Tensor:
+        """The whole sampling loop (see ``Denoiser.denoise``); latents from rank 0."""
+        run = self.start(plan, embeddings)
+        try:
+            while not run.done:
+                if should_cancel is not None and should_cancel():
+                    raise GenerationCancelled(f"cancelled at step {run.step + 1}/{plan.num_inference_steps}")
+                event = run.advance()
+                if progress is not None:
+                    progress(event)
+            return run.latents()
+        finally:
+            run.release()
+
+    def parameter_bytes(self) -> list[int]:
+        """Transformer parameter bytes held by each rank."""
+        return self._call_all("parameter_bytes", timeout=self.health_timeout_s)
+
+    def check_health(self) -> None:
+        """Raise ``RuntimeError`` when the group is closed or broken, or a rank is dead or does
+        not answer a ping within ``health_timeout_s`` (pings run beside a step in progress)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        if self._closed:
+            raise RuntimeError("tensor-parallel group is closed")
+        if self._broken:
+            raise RuntimeError(f"tensor-parallel group is broken: {self._broken}")
+        refs = [_ping(w) for w in self.workers]
+        deadline = time.monotonic() + self.health_timeout_s
+        for rank, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except RayActorError as exc:
+                message = f"tensor-parallel rank {rank} died: {_describe(exc)}"
+                self._mark_broken(message)
+                raise RuntimeError(message) from exc
+            except GetTimeoutError:
+                message = f"tensor-parallel rank {rank} did not answer a health ping within {self.health_timeout_s:.0f}s"
+                self._mark_broken(message)
+                raise RuntimeError(message) from None
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Kill the rank actors (waiting until they are gone) and remove a placement group
+        created here.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            import ray
+        except ImportError:  # pragma: no cover
+            return
+        if not ray.is_initialized():
+            self.workers = []
+            return
+        from ray.exceptions import RayActorError
+
+        workers, self.workers = self.workers, []
+        if workers and not self._broken:
+            # Leave the process group cleanly where possible (a broken one may hang in it).
+            try:
+                ray.wait([w.shutdown.remote() for w in workers], num_returns=len(workers), timeout=min(5.0, timeout_s))
+            except Exception:  # noqa: BLE001
+                pass
+        for w in workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        # Wait for the kills to land: a call on a killed actor fails with RayActorError.
+        deadline = time.monotonic() + timeout_s
+        for w in workers:
+            while time.monotonic() < deadline:
+                try:
+                    ray.get(_ping(w), timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+                except RayActorError:
+                    break
+                except Exception:  # noqa: BLE001 - timeout: still dying
+                    pass
+                time.sleep(0.05)
+        if self._owns_pg and self._pg is not None:
+            try:
+                ray.util.remove_placement_group(self._pg)
+            except Exception:  # noqa: BLE001
+                pass
+        self._pg = None
+
+    def __enter__(self) -> "TensorParallelDenoiser":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
