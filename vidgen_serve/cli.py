@@ -83,8 +83,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         denoiser = LocalTensorParallelDenoiser(config)
     pipeline = VideoPipeline(config, denoiser=denoiser)
     total = plan.num_inference_steps * len(plan.windows)
-    with tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, disable=args.quiet) as bar:
-        result = pipeline.generate(plan, output, progress=lambda _event: bar.update(1))
+    bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, disable=args.quiet)
+
+    def on_progress(_event: dict) -> None:
+        bar.update(1)
+        if bar.n >= total:
+            bar.close()  # decoding follows; the bar's time should be the denoising time
+
+    try:
+        result = pipeline.generate(plan, output, progress=on_progress)
+    finally:
+        bar.close()
     if hasattr(denoiser, "close"):
         denoiser.close()
     timings = ", ".join(f"{k}={v:.2f}s" for k, v in result.timings.items())

@@ -67,25 +67,24 @@ class FailoverRouter:
             span.add_event(event.kind, {k: str(v) for k, v in event.to_dict().items()})
         self._ensure_prober()
 
-    def choose(self) -> str:
+    # The methods below are async on purpose: they run on the replica's event loop (sync
+    # methods run in a thread pool), where the probe loop can be started and alerts raised.
+    async def choose(self) -> str:
         """The denoiser target for the next request ("primary" or "standby")."""
         self._ensure_prober()
         return self.policy.active
 
-    def record(self, target: str, latency_s: float, steps: int, tokens: int, ok: bool) -> None:
+    async def record(self, target: str, latency_s: float, steps: int, tokens: int, ok: bool) -> None:
         """One finished denoise call: its latency, its work and whether it succeeded."""
         self._alert(self.policy.record(target, latency_s, work_units(steps, tokens), ok=ok))
 
-    def snapshot(self) -> dict[str, Any]:
+    async def snapshot(self) -> dict[str, Any]:
         """State for operators (GET /v1/admin/router)."""
         return self.policy.snapshot()
 
     def _ensure_prober(self) -> None:
         if self._probe_task is None or self._probe_task.done():
-            try:
-                self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
-            except RuntimeError:  # called from a worker thread: the next async call starts it
-                pass
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
 
     async def _probe_loop(self) -> None:
         while True:

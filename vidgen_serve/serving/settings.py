@@ -27,7 +27,9 @@ class ServeSettings(BaseModel):
         4, ge=1, description="Synchronous generations one ingress replica runs at once (429 beyond)."
     )
     max_running_jobs: int = Field(2, ge=1, description="Async jobs one ingress replica runs at once.")
-    max_queued_jobs: int = Field(64, ge=0, description="Async jobs waiting per ingress replica (429 beyond).")
+    max_queued_jobs: int = Field(
+        64, ge=0, description="Async jobs waiting in the job store, all ingress replicas together (429 beyond)."
+    )
     request_timeout_s: float = Field(
         600.0, gt=0, description="Deadline of one generation (504 beyond; its work is cancelled downstream)."
     )

@@ -1,0 +1,145 @@
+"""Serving overhead: the in-process pipeline vs the same request through Ray Serve over HTTP.
+
+One run measures, for the tiny profile, 480p x 5 s, a fixed seed:
+  (a) in-process `VideoPipeline` p50 (N runs after a warm-up), with torch's default
+      thread count and with 1 thread (what a Serve replica with fractional `num_cpus`
+      gets: Ray sets OMP_NUM_THREADS=1 for it);
+  (b) Ray Serve end-to-end HTTP p50 of the same request through the whole graph, and the
+      ratio HTTP / in-process, with the per-stage breakdown from `Server-Timing`;
+  (c) throughput (videos/min) at concurrency 1, 2 and 4 over a bounded number of requests.
+
+Traffic goes to 127.0.0.1 only.
+
+    .venv/bin/python benchmarks/serving_overhead.py [--runs 5] [--requests 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("VIDGEN_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"vidgen-test-cache-{os.getuid()}"))
+
+REQUEST = {"prompt": "a sailing boat on a calm sea at sunset", "style": "realistic", "duration": 5,
+           "resolution": "480p", "seed": 1234}
+STAGES = ("text_encode", "denoise", "vae_decode", "encode", "total")
+KEY = "bench-key"
+
+
+def p50(values):
+    return statistics.median(values)
+
+
+def fmt(timings: dict[str, float]) -> str:
+    return "  ".join(f"{k}={timings[k] * 1000:7.0f}ms" for k in STAGES if k in timings)
+
+
+def in_process(runs: int, threads: int | None) -> dict[str, float]:
+    import torch
+
+    from vidgen_serve.config import AppConfig
+    from vidgen_serve.pipeline import VideoPipeline
+    from vidgen_serve.request import VideoRequest
+
+    default_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        pipe = VideoPipeline(AppConfig())
+        request = VideoRequest(**REQUEST)
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe.generate(request, os.path.join(tmp, "warm.mp4"))
+            samples = [pipe.generate(request, os.path.join(tmp, f"{i}.mp4")).timings for i in range(runs)]
+    finally:
+        torch.set_num_threads(default_threads)
+    result = {k: p50([s[k] for s in samples]) for k in STAGES}
+    print(f"in-process (torch threads={torch.get_num_threads() if not threads else threads}): p50 {fmt(result)}")
+    return result
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    out = {}
+    for part in header.split(","):
+        name, _, rest = part.strip().partition(";")
+        if rest.startswith("dur="):
+            out[name] = float(rest[4:]) / 1000
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=8, help="requests per concurrency level")
+    args = parser.parse_args()
+
+    print(f"machine: {os.cpu_count()} CPU cores; request: {REQUEST}")
+    # (a) in-process baselines
+    base_default = in_process(args.runs, None)
+    base_1t = in_process(args.runs, 1)
+
+    # (b) the same through Ray Serve
+    os.environ["VIDGEN_API_KEYS"] = KEY  # replicas inherit the environment of the process that starts Ray
+    import httpx
+    import ray
+    from ray import serve
+
+    from vidgen_serve.serve import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = tempfile.mkdtemp(prefix="vidgen-bench-")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"state_dir": state, "max_inflight_sync": 4, "request_timeout_s": 600}),
+                  name="bench", route_prefix="/")
+        url = f"http://127.0.0.1:{port}/v1/video/generate"
+        headers = {"Authorization": f"Bearer {KEY}"}
+
+        def call(_=None) -> tuple[float, dict[str, float]]:
+            t0 = time.perf_counter()
+            r = httpx.post(url, json=REQUEST, headers=headers, timeout=600, trust_env=False)
+            elapsed = time.perf_counter() - t0
+            r.raise_for_status()
+            return elapsed, parse_server_timing(r.headers["server-timing"])
+
+        call()  # warm-up
+        samples = [call() for _ in range(args.runs)]
+        http_p50 = p50([e for e, _ in samples])
+        served = {k: p50([t[k] for _, t in samples]) for k in STAGES}
+        print(f"serve (Server-Timing): p50 {fmt(served)}")
+        print(f"serve end-to-end HTTP p50: {http_p50 * 1000:.0f}ms")
+        print(f"ratio HTTP / in-process (default threads): {http_p50 / base_default['total']:.3f}")
+        print(f"ratio HTTP / in-process (1 thread, like a replica): {http_p50 / base_1t['total']:.3f}   "
+              f"(goal <= 1.10)")
+        print(f"HTTP - ingress total (proxy + HTTP + body transfer): {(http_p50 - served['total']) * 1000:.0f}ms")
+        print("stage           in-proc(default)  in-proc(1 thread)  served")
+        for k in STAGES:
+            print(f"{k:15s} {base_default[k] * 1000:12.0f}ms {base_1t[k] * 1000:14.0f}ms {served[k] * 1000:9.0f}ms")
+
+        # (c) throughput
+        for concurrency in (1, 2, 4):
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                results = list(pool.map(call, range(args.requests)))
+            wall = time.perf_counter() - t0
+            lat = p50([e for e, _ in results])
+            print(f"concurrency {concurrency}: {args.requests} videos in {wall:.1f}s -> "
+                  f"{args.requests / wall * 60:.1f} videos/min (p50 latency {lat * 1000:.0f}ms)")
+        deployments = serve.status().applications["bench"].deployments
+        replicas = {name: dict(getattr(d, "replica_states", {})) for name, d in deployments.items()}
+        print(f"deployment status at the end: {replicas}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
