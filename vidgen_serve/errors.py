@@ -83,6 +83,9 @@ def _allowed_from_schema(schema: dict[str, Any]) -> Any:
     lo, hi = schema.get("minLength"), schema.get("maxLength")
     if lo is not None or hi is not None:
         return f"length {lo or 0}..{hi if hi is not None else 'inf'}"
+    lo, hi = schema.get("minItems"), schema.get("maxItems")
+    if lo is not None or hi is not None:
+        return f"{lo or 0}..{hi if hi is not None else 'inf'} items"
     for option in schema.get("anyOf", []):
         allowed = _allowed_from_schema(option)
         if allowed is not None:
@@ -91,32 +94,34 @@ def _allowed_from_schema(schema: dict[str, Any]) -> Any:
 
 
 def _field_schema(model_schema: dict[str, Any], loc: tuple) -> dict[str, Any]:
-    """Walk a JSON Schema along a pydantic error location (fields, list indexes, $refs)."""
+    """Walk a JSON Schema along a pydantic error location (fields, list indexes, $refs).
+
+    Optional fields are `anyOf: [<schema>, null]`: at each step the option that has what
+    the next location part needs (`items` for a list index, `properties` for a name) is
+    taken, e.g. `keyframes.0.time_s` -> anyOf -> array items -> $ref Keyframe -> time_s.
+    """
     defs = model_schema.get("$defs", {})
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node:
+            node = defs.get(node["$ref"].split("/")[-1], {})
+        return node
+
     node: dict[str, Any] = model_schema
     for part in loc:
-        if "$ref" in node:
-            node = defs.get(node["$ref"].split("/")[-1], {})
+        node = resolve(node)
+        key = "items" if isinstance(part, int) else "properties"
+        if key not in node:
+            for option in node.get("anyOf", []):
+                option = resolve(option)
+                if key in option:
+                    node = option
+                    break
         if isinstance(part, int):
             node = node.get("items", {})
-            for option in node.get("anyOf", []) if "items" not in node and "$ref" not in node else []:
-                node = option
         else:
-            props = node.get("properties")
-            if props is None:
-                for option in node.get("anyOf", []):
-                    opt = defs.get(option["$ref"].split("/")[-1], option) if "$ref" in option else option
-                    if "items" in opt:
-                        opt = opt["items"]
-                        opt = defs.get(opt["$ref"].split("/")[-1], opt) if "$ref" in opt else opt
-                    if "properties" in opt:
-                        node = opt
-                        break
-                props = node.get("properties", {})
-            node = props.get(part, {})
-    if "$ref" in node:
-        node = defs.get(node["$ref"].split("/")[-1], {})
-    return node
+            node = node.get("properties", {}).get(part, {})
+    return resolve(node)
 
 
 def from_validation_error(exc: ValidationError, model_schema: dict[str, Any] | None = None) -> InvalidRequest:
@@ -125,15 +130,21 @@ def from_validation_error(exc: ValidationError, model_schema: dict[str, Any] | N
     for err in exc.errors(include_url=False):
         loc = tuple(p for p in err["loc"] if p not in ("body",))
         field = ".".join(str(p) for p in loc) or "body"
+        value = err.get("input")
         allowed = None
         if model_schema is not None and loc:
             allowed = _allowed_from_schema(_field_schema(model_schema, loc))
         if err["type"] == "extra_forbidden":
-            allowed = sorted(model_schema.get("properties", {})) if model_schema and len(loc) == 1 else None
+            parent = _field_schema(model_schema, loc[:-1]) if model_schema and loc else {}
+            allowed = sorted(parent.get("properties", {})) or None
             message = "unknown field"
         else:
             message = err["msg"]
-        details.append(field_error(field, err.get("input"), message, allowed))
+        ctx = err.get("ctx") or {}
+        if "field" in ctx:
+            # A model-level check that names the field it is about (e.g. a keyframe past the duration).
+            field, value, allowed = ctx["field"], ctx.get("value"), ctx.get("allowed")
+        details.append(field_error(field, value, message, allowed))
     return InvalidRequest(details)
 
 

@@ -12,6 +12,7 @@ import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import from_validation_error
 
@@ -74,9 +75,21 @@ class VideoRequest(BaseModel):
 
     @model_validator(mode="after")
     def _keyframes_within_duration(self) -> "VideoRequest":
-        for kf in self.keyframes or []:
+        for i, kf in enumerate(self.keyframes or []):
             if kf.time_s > self.duration:
-                raise ValueError(f"keyframe time_s={kf.time_s} is past the video's duration={self.duration}")
+                # The context names the offending field, so the error reports keyframes.<i>.time_s,
+                # its value and the allowed range (a model-level error would only say "body").
+                raise PydanticCustomError(
+                    "keyframe_past_duration",
+                    "keyframe time_s={time_s} is past the video's duration={duration}",
+                    {
+                        "time_s": kf.time_s,
+                        "duration": self.duration,
+                        "field": f"keyframes.{i}.time_s",
+                        "value": kf.time_s,
+                        "allowed": f"0..{self.duration:g}",
+                    },
+                )
         return self
 
 

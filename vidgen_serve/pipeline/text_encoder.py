@@ -56,8 +56,14 @@ class TextEncoder:
         self.max_sequence_length = self.profile.max_sequence_length
 
     def count_tokens(self, text: str) -> int:
-        """Tokens the encoder would see for `text` before truncation (incl. end-of-sequence)."""
-        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        """Tokens the encoder would see for `text` before truncation (incl. end-of-sequence).
+
+        The text is cleaned first exactly as `WanPipeline` cleans it before tokenising
+        (ftfy, HTML unescape, whitespace collapsed), so the count is the encoder's.
+        """
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        return len(self.tokenizer(prompt_clean(text), add_special_tokens=True)["input_ids"])
 
     def _encode_text(self, text: str) -> tuple[torch.Tensor, bool]:
         with self._lock:

@@ -1,0 +1,98 @@
+"""Shared test setup: a reusable cache for the tiny checkpoint and the loaded stages.
+
+The environment is set at import time, before any test module imports Ray or builds a
+config: `AppConfig` reads `VIDGEN_CACHE_DIR` when it is created, and Ray workers inherit
+the environment of the process that starts Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# A fixed per-user directory: reruns reuse the tiny checkpoint built by the first run
+# (the build is locked and atomic, so parallel runs are safe too).
+os.environ.setdefault(
+    "VIDGEN_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"vidgen-test-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}"),
+)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest  # noqa: E402
+
+from vidgen_serve.config import AppConfig  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> AppConfig:
+    """The default application config (profile `tiny`, cache dir from the environment)."""
+    return AppConfig()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_config: AppConfig) -> str:
+    """Path of the tiny Wan checkpoint (built on first use, then reused)."""
+    from vidgen_serve.models.loading import resolve_checkpoint
+
+    return resolve_checkpoint(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_config: AppConfig, checkpoint: str):
+    """The in-process pipeline (TextEncoder -> Denoiser -> Decoder), loaded once per session."""
+    from vidgen_serve.pipeline import VideoPipeline
+
+    return VideoPipeline(tiny_config)
+
+
+def _top_level_boxes(path) -> list[str]:
+    """Types of the top-level ISO-BMFF boxes of an MP4, in file order."""
+    import struct
+
+    boxes = []
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        end = f.tell()
+        pos = 0
+        while pos + 8 <= end:
+            f.seek(pos)
+            size, kind = struct.unpack(">I4s", f.read(8))
+            if size == 1:  # 64-bit size follows the type
+                size = struct.unpack(">Q", f.read(8))[0]
+            elif size == 0:  # box runs to the end of the file
+                size = end - pos
+            if size < 8:
+                raise ValueError(f"corrupt box {kind!r} of size {size} at {pos}")
+            boxes.append(kind.decode("latin-1"))
+            pos += size
+    return boxes
+
+
+def _probe(path, decode: bool = True) -> dict:
+    """What PyAV sees in an MP4: codec, pixel format, size, rate, frame count, duration, box order."""
+    import av
+    import numpy as np
+
+    info: dict = {"boxes": _top_level_boxes(path)}
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        info.update(
+            codec=stream.codec_context.name,
+            pix_fmt=stream.codec_context.pix_fmt,
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            fps=stream.average_rate,
+            duration_s=float(stream.duration * stream.time_base) if stream.duration else None,
+            container_duration_s=container.duration / 1e6 if container.duration else None,
+        )
+        if decode:
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            info["frames"] = np.stack(frames) if frames else np.zeros((0,), np.uint8)
+            info["num_frames"] = len(frames)
+    return info
+
+
+@pytest.fixture(scope="session")
+def probe_mp4():
+    """`probe_mp4(path, decode=True) -> dict` (codec, pix_fmt, width, height, fps, num_frames, frames, boxes...)."""
+    return _probe

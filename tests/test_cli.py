@@ -1,0 +1,118 @@
+"""The `vidgen-serve` command line, run as a real subprocess (`python -m vidgen_serve.cli`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vidgen_serve.cli import main
+from vidgen_serve.config import DEFAULT_STYLES
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vidgen_serve.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "error:" in proc.stderr
+    return proc.stderr
+
+
+def test_invalid_field_names_field_and_range(tmp_path):
+    out = tmp_path / "v.mp4"
+    proc = cli("generate", "--prompt", "a cat", "--fps", "100", "--motion-intensity", "2", "--output", str(out))
+    stderr = assert_clean_failure(proc)
+    assert "fps=100" in stderr and "15..60" in stderr
+    assert "motion_intensity=2.0" in stderr and "0.1..1.5" in stderr
+    assert proc.stdout == ""
+    assert os.listdir(tmp_path) == []
+
+
+def test_unknown_style_lists_valid_styles(tmp_path):
+    proc = cli("generate", "--prompt", "a cat", "--style", "vaporwave", "--output", str(tmp_path / "v.mp4"))
+    stderr = assert_clean_failure(proc)
+    assert "style='vaporwave'" in stderr
+    for style in DEFAULT_STYLES:
+        assert style in stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_unwritable_output_path(tmp_path):
+    missing = tmp_path / "no" / "such" / "dir" / "v.mp4"
+    proc = cli("generate", "--prompt", "a cat", "--duration", "1", "--output", str(missing))
+    stderr = assert_clean_failure(proc)
+    assert "--output" in stderr and "not writable" in stderr
+    assert os.listdir(tmp_path) == []
+    # A file where a directory should be.
+    (tmp_path / "file.txt").write_text("x")
+    proc = cli("generate", "--prompt", "a cat", "--output", str(tmp_path / "file.txt" / "v.mp4"))
+    assert_clean_failure(proc)
+    assert os.listdir(tmp_path) == ["file.txt"]
+
+
+@pytest.mark.slow
+def test_request_file_generates_mp4_with_progress(tmp_path, probe_mp4):
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps({"prompt": "一只橘猫在樱花树下追逐蝴蝶", "style": "anime", "duration": 1,
+                               "resolution": "480p", "aspect": "1:1", "fps": 24, "seed": 3,
+                               "num_inference_steps": 2}, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "v.mp4"
+    # --fps on the command line overrides the file's fps.
+    proc = cli("generate", "--request", str(req), "--fps", "15", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "denoising" in proc.stderr and "2/2" in proc.stderr  # the progress bar
+    assert f"wrote {out}" in proc.stderr and "seed 3" in proc.stderr
+    info = probe_mp4(out)
+    assert (info["width"], info["height"]) == (480, 480)
+    assert info["fps"] == 15 and info["num_frames"] == 15
+    assert info["codec"] == "h264"
+    assert sorted(os.listdir(tmp_path)) == ["req.json", "v.mp4"]  # no temp files left
+
+
+# In-process runs of `main` for the remaining error paths (same code, no interpreter start-up).
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_bad_request_files(tmp_path, capsys):
+    out = str(tmp_path / "v.mp4")
+    code, err = run_main(capsys, "generate", "--request", str(tmp_path / "missing.json"), "--output", out)
+    assert code != 0 and "no such file" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    code, err = run_main(capsys, "generate", "--request", str(bad), "--output", out)
+    assert code != 0 and "not valid JSON" in err
+    bad.write_text("[1, 2]")
+    code, err = run_main(capsys, "generate", "--request", str(bad), "--output", out)
+    assert code != 0 and "JSON object" in err
+    bad.write_text(json.dumps({"prompt": "a", "duration": 3, "keyframes": [{"time_s": 5, "prompt": "b"}]}))
+    code, err = run_main(capsys, "generate", "--request", str(bad), "--output", out)
+    assert code != 0 and "keyframes.0.time_s=5.0" in err and "0..3" in err
+    bad.write_text(json.dumps({"prompt": "a", "colour": "red"}))
+    code, err = run_main(capsys, "generate", "--request", str(bad), "--output", out)
+    assert code != 0 and "colour" in err and "unknown field" in err and "color_palette" in err
+    assert sorted(os.listdir(tmp_path)) == ["bad.json"]
+
+
+def test_profile_limits_in_cli(tmp_path, capsys):
+    out = str(tmp_path / "v.mp4")
+    code, err = run_main(capsys, "generate", "--prompt", "a", "--resolution", "4k", "--output", out)
+    assert code != 0 and "resolution='4k'" in err and "1080p" in err
+    code, err = run_main(capsys, "generate", "--prompt", "a", "--duration", "45", "--output", out)
+    assert code != 0 and "duration=45.0" in err and "1..30" in err
+    code, err = run_main(capsys, "generate", "--prompt", "a", "--steps", "51", "--output", out)
+    assert code != 0 and "num_inference_steps=51" in err and "1..50" in err
+    code, err = run_main(capsys, "generate", "--prompt", "a", "--output", str(tmp_path))
+    assert code != 0 and "is a directory" in err
+    assert os.listdir(tmp_path) == []
