@@ -33,6 +33,7 @@ from .telemetry import carrier_for_current_span, configure_tracing, tracer
 logger = logging.getLogger("vidgen_serve.ingress")
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+DEADLINE_HEADER = "X-Vidgen-Timeout"
 STAGE_ORDER = ("text_encode", "denoise", "vae_decode", "encode")
 
 app = FastAPI(
@@ -211,6 +212,22 @@ class Ingress:
         request = parse_request(body)
         return request, build_plan(request, self.config)
 
+    def _deadline(self, request: Request) -> float:
+        """Seconds this generation may take: the server's limit, or less if the client asks
+        (`X-Vidgen-Timeout: <seconds>`, e.g. a caller with its own SLA)."""
+        limit = self.settings.request_timeout_s
+        raw = request.headers.get(DEADLINE_HEADER)
+        if raw is None:
+            return limit
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value <= limit:  # also rejects nan
+            raise InvalidRequest([field_error(DEADLINE_HEADER, raw[:32], "invalid timeout header",
+                                              f"seconds in (0, {limit:g}]")])
+        return value
+
     def _overloaded(self, what: str) -> VidgenError:
         self._metrics.rejected.inc(tags={"reason": what})
         return VidgenError(429, f"too many {what}; retry later", code="overloaded",
@@ -304,6 +321,7 @@ class Ingress:
         _, plan = self._plan(await self._json_body(request))
         if self._inflight_sync >= self.settings.max_inflight_sync:
             raise self._overloaded("concurrent generations")
+        deadline_s = self._deadline(request)
         self._inflight_sync += 1
         status = "error"
         try:
@@ -311,11 +329,10 @@ class Ingress:
                 span.set_attribute("request_id", _request_id(request))
                 span.set_attribute("key_id", key)
                 try:
-                    mp4, timings, info = await asyncio.wait_for(self._generate(plan),
-                                                                timeout=self.settings.request_timeout_s)
+                    mp4, timings, info = await asyncio.wait_for(self._generate(plan), timeout=deadline_s)
                 except asyncio.TimeoutError:
-                    raise VidgenError(504, f"generation exceeded the {self.settings.request_timeout_s:g}s deadline "
-                                           "and was cancelled", code="deadline_exceeded") from None
+                    raise VidgenError(504, f"generation exceeded the {deadline_s:g}s deadline and was cancelled",
+                                      code="deadline_exceeded") from None
             status = "ok"
         except VidgenError as exc:
             status = str(exc.status_code)
