@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import tempfile
 from pathlib import Path
@@ -39,10 +38,9 @@ def main() -> None:
     from ray import serve
 
     from vidgen_serve.drill import failover_drill
+    from vidgen_serve.parallel.tensor_parallel import find_free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = find_free_port()
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port
     app = config["applications"][0]

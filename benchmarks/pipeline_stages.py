@@ -63,7 +63,12 @@ def _timed_cpu(fn, *args, **kwargs):
 
 
 def measure_case(pipeline, config, case: dict, reps: int, workdir: str) -> dict:
-    from vidgen_serve.media.mp4 import build_stream, encode_mp4, pad_for_interpolation, run_ffmpeg
+    from vidgen_serve.media.mp4 import (
+        build_stream,
+        encode_mp4,
+        pad_for_interpolation,
+        run_ffmpeg,
+    )
     from vidgen_serve.plan import build_plan
     from vidgen_serve.request import VideoRequest
 

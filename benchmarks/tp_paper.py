@@ -176,7 +176,7 @@ def analytic() -> None:
         (f"step time, TP={TP}: compute", f"{t_comp:,.2f} s"),
         (f"step time, TP={TP}: all-reduce", f"{t_comm:,.2f} s"),
         (f"step time, TP={TP}: total", f"{t_tp:,.2f} s"),
-        (f"speedup vs 1 GPU", f"{t1 / t_tp:,.2f} x"),
+        ("speedup vs 1 GPU", f"{t1 / t_tp:,.2f} x"),
         (f"parallel efficiency T1 / (N x T{TP})", f"{eff:.1%}"),
         ("communication share of a TP step", f"{t_comm / t_tp:.1%}"),
         ("50-step video, TP=8 (denoiser only)", f"{50 * t_tp / 60:,.1f} min"),

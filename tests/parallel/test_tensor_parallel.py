@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from vidgen_serve.models.tiny import TRANSFORMER_CONFIG
 from vidgen_serve.parallel import (
     DistributedRMSNorm,
     parameter_bytes,
@@ -20,20 +21,7 @@ from vidgen_serve.parallel import (
     shard_wan_transformer,
 )
 
-TINY_CONFIG = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=4,
-    attention_head_dim=12,
-    in_channels=16,
-    out_channels=16,
-    text_dim=32,
-    freq_dim=256,
-    ffn_dim=64,
-    num_layers=2,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    rope_max_seq_len=64,
-)
+TINY_CONFIG = TRANSFORMER_CONFIG  # exactly the tiny profile's transformer
 
 
 def _tiny_transformer(seed: int = 0):

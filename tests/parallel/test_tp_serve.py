@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import time
 
 import pytest
+
+from vidgen_serve.parallel.tensor_parallel import find_free_port
 
 pytestmark = pytest.mark.slow
 
 API_KEY = "tp-serve-key"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tp_workers() -> dict:
@@ -53,7 +50,7 @@ def test_tp2_app_serves_the_product_guide_call_and_cleans_up(tmp_path):
     os.environ["VIDGEN_API_KEYS"] = API_KEY
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        port = _free_port()
+        port = find_free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app({"model": {"profile_overrides": {"tensor_parallel_size": 2}},
                          "state_dir": str(tmp_path), "standby": False})

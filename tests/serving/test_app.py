@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import tempfile
 import threading
@@ -30,6 +29,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 
+from vidgen_serve.parallel.tensor_parallel import find_free_port  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 APP = "vidgen_test"
@@ -44,10 +45,6 @@ PRODUCT_GUIDE = {"prompt": "一只橘猫在樱花树下追逐蝴蝶", "style": "
 STAGES = ("text_encode", "denoise", "vae_decode", "encode", "total")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Collector:
@@ -77,7 +74,9 @@ class _Collector:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def add(self, body: bytes) -> None:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
 
         req = ExportTraceServiceRequest.FromString(body)
         with self.lock:
@@ -149,8 +148,8 @@ def env():
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.port}",
         "OTEL_BSP_SCHEDULE_DELAY": "500",
     })
-    metrics_port = _free_port()
-    http_port = _free_port()
+    metrics_port = find_free_port()
+    http_port = find_free_port()
     state_dir = Path(tempfile.mkdtemp(prefix="vidgen-serve-test-"))
     args = {
         "state_dir": str(state_dir),
@@ -672,7 +671,9 @@ def test_deadline_header_is_validated(env):
 def test_child_spans_share_the_trace(monkeypatch):
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+        InMemorySpanExporter,
+    )
 
     from vidgen_serve.serving import telemetry
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import yaml
+
+from vidgen_serve.parallel.tensor_parallel import find_free_port
 
 pytestmark = pytest.mark.slow
 
@@ -18,10 +19,6 @@ REQUEST = {"prompt": "a lighthouse at dusk", "duration": 1, "resolution": "480p"
            "seed": 0}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +30,7 @@ def drill_config(tmp_path_factory):
     os.environ["VIDGEN_ADMIN_KEYS"] = ADMIN_KEY
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    port = _free_port()
+    port = find_free_port()
     config["http_options"]["port"] = port
     app = config["applications"][0]
     app["args"].update(

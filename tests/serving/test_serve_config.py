@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
+
+from vidgen_serve.parallel.tensor_parallel import find_free_port  # noqa: E402
 import yaml  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -120,10 +121,6 @@ def test_deployment_defaults_for_tiny_profile():
     assert opts["FailoverRouter"]["num_replicas"] == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +132,7 @@ def deployed(tmp_path_factory):
     from ray.serve.schema import ServeDeploySchema
 
     config = copy.deepcopy(_load())
-    port = _free_port()
+    port = find_free_port()
     config["http_options"]["port"] = port
     config["applications"][0]["args"]["state_dir"] = str(tmp_path_factory.mktemp("serve-config-state"))
     schema = ServeDeploySchema.model_validate(config)

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from ..config import AppConfig, ModelProfile
-from ..errors import GenerationCancelled
+from ..pipeline.denoiser import drive
 from ..plan import GenerationPlan
 
 logger = logging.getLogger(__name__)
@@ -563,17 +563,7 @@ class TensorParallelDenoiser:
 
     def denoise(self, plan: GenerationPlan, embeddings, progress=None, should_cancel=None) -> torch.Tensor:
         """The whole sampling loop (see ``Denoiser.denoise``); latents from rank 0."""
-        run = self.start(plan, embeddings)
-        try:
-            while not run.done:
-                if should_cancel is not None and should_cancel():
-                    raise GenerationCancelled(f"cancelled at step {run.step + 1}/{plan.num_inference_steps}")
-                event = run.advance()
-                if progress is not None:
-                    progress(event)
-            return run.latents()
-        finally:
-            run.release()
+        return drive(self.start(plan, embeddings), progress, should_cancel)
 
     def parameter_bytes(self) -> list[int]:
         """Transformer parameter bytes held by each rank."""

@@ -114,14 +114,27 @@ class Denoiser:
         Returns:
             Latents (1, C, latent_frames, latent_height, latent_width), float32 on CPU.
         """
-        run = self.start(plan, embeddings)
+        return drive(self.start(plan, embeddings), progress, should_cancel)
+
+
+def drive(run: Any, progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None) -> torch.Tensor:
+    """Advance a run (local or tensor-parallel) to the end; return its latents.
+
+    Checks `should_cancel` at every step boundary and releases the run's resources
+    (`run.release()`, where it has one) however it ends.
+    """
+    try:
         while not run.done:
             if should_cancel is not None and should_cancel():
-                raise GenerationCancelled(f"cancelled at step {run.step + 1}/{plan.num_inference_steps}")
+                raise GenerationCancelled(f"cancelled at step {run.step + 1}/{run.plan.num_inference_steps}")
             event = run.advance()
             if progress is not None:
                 progress(event)
         return run.latents()
+    finally:
+        release = getattr(run, "release", None)
+        if release is not None:
+            release()
 
 
 class DenoiseRun:
