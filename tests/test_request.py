@@ -222,3 +222,19 @@ def test_cli_schema_output_has_every_bound():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     _check_schema_bounds(json.loads(proc.stdout))
+
+
+def test_errors_survive_pickling_with_their_status_and_details():
+    """Stage replicas raise these; Ray pickles them back to the ingress."""
+    import pickle
+
+    from vidgen_serve.errors import GenerationCancelled, InvalidRequest, VidgenError, field_error
+
+    for error in (VidgenError(503, "busy", code="overloaded", headers={"Retry-After": "5"}),
+                  InvalidRequest([field_error("fps", 90, "too high", "15..60")]),
+                  GenerationCancelled("cancelled at step 2/4")):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error)
+        assert (copy.status_code, copy.message, copy.code, copy.details, copy.headers) == (
+            error.status_code, error.message, error.code, error.details, error.headers)
+        assert str(copy) == str(error)

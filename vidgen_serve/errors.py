@@ -39,6 +39,18 @@ class VidgenError(Exception):
         self.details = details or []
         self.headers = headers or {}
 
+    def __reduce__(self):
+        # Pickle by state, not by constructor args (subclasses take other arguments): the
+        # error crosses Ray from a stage replica to the ingress intact, status code included.
+        return _rebuild_error, (self.__class__, self.message, dict(self.__dict__))
+
+
+def _rebuild_error(cls: type, message: str, state: dict[str, Any]) -> "VidgenError":
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidRequest(VidgenError):
     """422: a request field is invalid. `details` names each field, value and allowed range."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import time
 
 import pytest
@@ -71,6 +72,28 @@ def test_tp2_app_serves_the_product_guide_call_and_cleans_up(tmp_path):
             stream = container.streams.video[0]
             assert (stream.codec_context.name, stream.width, stream.height) == ("h264", 1920, 1080)
             assert sum(1 for _ in container.decode(video=0)) == 240
+
+        # A rank dies: the next request fails with a clear 503, the replica turns unhealthy,
+        # Serve replaces it (a new placement group and 2 new ranks), and service resumes.
+        small = {"prompt": "a red kite", "duration": 1, "resolution": "480p", "seed": 5}
+        victim = next(iter(workers))
+        os.kill(workers[victim]["Pid"], signal.SIGKILL)  # a crashed rank process
+        assert _wait(lambda: _tp_workers()[victim]["State"] == "DEAD", 30)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/video/generate",
+                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300, json=small)
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "stage_unavailable" and "tensor-parallel" in error["message"], error
+
+        def recovered() -> bool:
+            alive = [a for a in _tp_workers().values() if a["State"] == "ALIVE"]
+            if len(alive) != 2 or victim in alive:
+                return False
+            resp = httpx.post(f"http://127.0.0.1:{port}/v1/video/generate",
+                              headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300, json=small)
+            return resp.status_code == 200
+
+        assert _wait(recovered, 180), _tp_workers()
 
         serve.shutdown()
         # No zombie rank workers, no leaked placement group.

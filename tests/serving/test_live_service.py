@@ -45,9 +45,11 @@ def drill_config(tmp_path_factory):
     for dep in app["deployments"]:  # one replica each: 2 cores
         if "autoscaling_config" in dep:
             dep["autoscaling_config"].update(min_replicas=1, max_replicas=1)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    metrics_port = find_free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
     try:
-        yield config, f"http://127.0.0.1:{port}"
+        yield config, f"http://127.0.0.1:{port}", metrics_port
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -56,7 +58,7 @@ def drill_config(tmp_path_factory):
 def test_slow_primary_fails_over_to_standby_and_back(drill_config):
     from vidgen_serve.drill import failover_drill
 
-    config, base_url = drill_config
+    config, base_url, metrics_port = drill_config
     report = failover_drill(config, base_url, API_KEY, ADMIN_KEY, REQUEST, steady_calls=4, extra_latency_s=4.0)
 
     # Nothing is lost during a switch: every call of the scenario succeeded.
@@ -78,11 +80,32 @@ def test_slow_primary_fails_over_to_standby_and_back(drill_config):
     assert report.seconds_to_fail_back is not None, report.calls
     assert report.phase("recovery")[-1].target == "primary"
 
+    # The alert reached Prometheus: the switch counter and the active-target gauge.
+    import time
+
+    import httpx
+
+    deadline, lines = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10, trust_env=False).text
+        lines = [ln for ln in text.splitlines() if ln.startswith("ray_vidgen_failover") or
+                 ln.startswith("vidgen_failover")]
+        kinds = {k for k in ("failover", "failback") if any(f'kind="{k}"' in ln for ln in lines)}
+        if kinds == {"failover", "failback"}:
+            break
+        time.sleep(1)
+    switches = [ln for ln in lines if "failover_switches" in ln]
+    failover = [ln for ln in switches if 'kind="failover"' in ln and 'to_target="standby"' in ln]
+    assert failover and float(failover[0].rsplit(" ", 1)[1]) >= 1, lines
+    assert any('kind="failback"' in ln for ln in switches), lines
+    active = [ln for ln in lines if "failover_active" in ln and 'target="primary"' in ln]
+    assert active and float(active[0].rsplit(" ", 1)[1]) == 1.0, lines
+
 
 def test_router_endpoint_needs_an_admin_key(drill_config):
     import httpx
 
-    _, base_url = drill_config
+    _, base_url, _ = drill_config
     r = httpx.get(f"{base_url}/v1/admin/router", headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
     r = httpx.get(f"{base_url}/v1/admin/router")
@@ -100,7 +123,7 @@ def test_locust_load_run_against_the_service(drill_config, tmp_path):
     import subprocess
     import sys
 
-    _, base_url = drill_config
+    _, base_url, _ = drill_config
     env = dict(os.environ, VIDGEN_API_KEY=API_KEY,
                VIDGEN_LOADTEST_REQUEST='{"prompt": "load", "duration": 1, "resolution": "480p", '
                                        '"num_inference_steps": 2}')

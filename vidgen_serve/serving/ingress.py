@@ -129,7 +129,9 @@ def _map_stage_error(stage: str, exc: BaseException) -> VidgenError:
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     if isinstance(exc, VidgenError):
-        return exc
+        # Raised in a replica, it arrives as RayTaskError(VidgenError): answer with the original.
+        cause = getattr(exc, "cause", None)
+        return cause if isinstance(cause, VidgenError) else exc
     if isinstance(exc, BackPressureError):
         return VidgenError(503, f"the {stage} stage is at capacity; retry later", code="overloaded")
     if isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)):

@@ -127,8 +127,13 @@ class DenoiserDeployment:
             except asyncio.CancelledError:
                 self.metrics.failed("cancelled")
                 raise
-            except Exception:
+            except Exception as exc:
                 self.metrics.failed("error")
+                if getattr(self.stage, "broken", False):
+                    # A rank died: this replica fails its health check and Serve replaces it.
+                    raise VidgenError(503, f"the {self.role} denoiser's tensor-parallel group failed ({exc}); "
+                                           "its replica is being replaced, retry", code="stage_unavailable",
+                                      headers={"Retry-After": "10"}) from exc
                 raise
             seconds = time.perf_counter() - t0
         self.metrics.observe(seconds, self.device_type)
