@@ -37,8 +37,7 @@ APP = "vidgen_test"
 API_KEY, OTHER_KEY, ADMIN_KEY = "testkey", "otherkey", "adminkey"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 OTHER_AUTH = {"Authorization": f"Bearer {OTHER_KEY}"}
-LONG_DEADLINE_S = 300.0  # phase 1: the 8 s 1080p product-guide call must fit
-SHORT_DEADLINE_S = 30.0  # phase 2 (after the restart): > a cold first call, < the 504 request
+LONG_DEADLINE_S = 300.0  # the 8 s 1080p product-guide call must fit (504s use X-Vidgen-Timeout)
 SMALL = {"prompt": "a red fox running through snow", "duration": 1, "resolution": "480p",
          "num_inference_steps": 2}
 PRODUCT_GUIDE = {"prompt": "一只橘猫在樱花树下追逐蝴蝶", "style": "realistic", "duration": 8, "resolution": "1080p"}
@@ -620,8 +619,7 @@ def restarted(env):
                      heartbeat_at=time.time() - 3600, attempts=attempts, progress={"step": 1, "steps": 2,
                                                                                      "window": 1, "windows": 1})
         planted[name] = job.id
-    args = {**env.args, "request_timeout_s": SHORT_DEADLINE_S}
-    serve.run(build_app(args), name=APP, route_prefix="/")
+    serve.run(build_app(env.args), name=APP, route_prefix="/")  # a full restart, same state_dir
     _wait_ready(env.client)
     return planted
 
