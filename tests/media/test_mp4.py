@@ -93,3 +93,25 @@ def test_null_sink_runs_post_processing_without_writing(tmp_path):
     target = tmp_path / "never.mp4"
     run_ffmpeg(build_stream(112, 64, settings, str(target), encode=False), moving_square(9))
     assert not target.exists()
+
+
+def test_cancelled_encode_stops_ffmpeg_and_leaves_nothing(tmp_path):
+    """A deadline that passes mid-encode kills ffmpeg: no file, no temp file, a clear error."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from vidgen_serve.errors import GenerationCancelled
+    from vidgen_serve.media.mp4 import EncodeSettings, encode_mp4
+
+    frames = np.random.default_rng(0).integers(0, 255, (65, 64, 112, 3), dtype=np.uint8)
+    settings = EncodeSettings(in_fps=8, out_fps=60, out_width=1920, out_height=1080, out_frames=480,
+                              preset="medium")
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(GenerationCancelled):
+        encode_mp4(frames, settings, tmp_path / "out.mp4", cancel)
+    assert time.monotonic() - t0 < 5  # the full encode takes far longer on this machine
+    assert list(tmp_path.iterdir()) == []

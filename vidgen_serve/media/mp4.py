@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import ffmpeg
 import numpy as np
 
-from ..errors import VidgenError
+from ..errors import GenerationCancelled, VidgenError
 
 
 def ffmpeg_exe() -> str:
@@ -72,18 +74,41 @@ def build_stream(width: int, height: int, settings: EncodeSettings, target: str,
     )
 
 
-def run_ffmpeg(stream, frames: np.ndarray) -> None:
-    """Feed `frames` (N, H, W, 3) uint8 to the graph's stdin; raise with ffmpeg's stderr on failure."""
+def run_ffmpeg(stream, frames: np.ndarray, cancel: threading.Event | None = None) -> None:
+    """Feed `frames` (N, H, W, 3) uint8 to the graph's stdin; raise with ffmpeg's stderr on failure.
+
+    Args:
+        stream: an ffmpeg-python output stream (see `build_stream`).
+        frames: the native frames.
+        cancel: when set (e.g. the request's deadline passed), ffmpeg is killed and
+            `GenerationCancelled` raised, between frames or while ffmpeg finishes.
+    """
     proc = stream.global_args("-hide_banner", "-loglevel", "error", "-nostdin").overwrite_output().run_async(
         cmd=ffmpeg_exe(), pipe_stdin=True, pipe_stderr=True
     )
+    # stderr is drained on a thread: a chatty ffmpeg must never block on a full pipe.
+    stderr_chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
+    reader.start()
     try:
-        proc.stdin.write(np.ascontiguousarray(frames, dtype=np.uint8).tobytes())
+        for frame in np.ascontiguousarray(frames, dtype=np.uint8):
+            if cancel is not None and cancel.is_set():
+                break
+            proc.stdin.write(frame.tobytes())
         proc.stdin.close()
     except BrokenPipeError:
         pass  # ffmpeg died; its stderr says why
-    stderr = proc.stderr.read().decode(errors="replace")
-    if proc.wait() != 0:
+    while proc.poll() is None:
+        if cancel is not None and cancel.is_set():
+            proc.kill()
+            proc.wait()
+            raise GenerationCancelled("encode cancelled")
+        time.sleep(0.02)
+    reader.join(timeout=5)
+    if proc.returncode != 0:
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled("encode cancelled")
+        stderr = b"".join(stderr_chunks).decode(errors="replace")
         raise RuntimeError(f"ffmpeg failed (exit {proc.returncode}): {stderr.strip()[-2000:]}")
 
 
@@ -97,7 +122,8 @@ def pad_for_interpolation(frames: np.ndarray, settings: EncodeSettings) -> np.nd
     return np.concatenate([frames, np.repeat(frames[-1:], 2, axis=0)]) if len(frames) else frames
 
 
-def encode_mp4(frames: np.ndarray, settings: EncodeSettings, output_path: str | os.PathLike) -> Path:
+def encode_mp4(frames: np.ndarray, settings: EncodeSettings, output_path: str | os.PathLike,
+               cancel: threading.Event | None = None) -> Path:
     """Write `frames` (N, H, W, 3) uint8 at `settings.in_fps` as the output MP4, atomically.
 
     Raises:
@@ -114,7 +140,7 @@ def encode_mp4(frames: np.ndarray, settings: EncodeSettings, output_path: str | 
     try:
         _, height, width, _ = frames.shape
         frames = pad_for_interpolation(frames, settings)
-        run_ffmpeg(build_stream(width, height, settings, tmp), frames)
+        run_ffmpeg(build_stream(width, height, settings, tmp), frames, cancel)
         os.replace(tmp, output)
     finally:
         if os.path.exists(tmp):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -66,14 +67,19 @@ class Decoder:
             interpolation=self.profile.interpolation,
         )
 
-    def write_mp4(self, plan: GenerationPlan, frames: np.ndarray, output_path: str | os.PathLike) -> Path:
+    def write_mp4(self, plan: GenerationPlan, frames: np.ndarray, output_path: str | os.PathLike,
+                  cancel: threading.Event | None = None) -> Path:
         """Frame-rate conversion, upscale and H.264 encode of native frames into `output_path`."""
-        return encode_mp4(frames, self.encode_settings(plan), output_path)
+        return encode_mp4(frames, self.encode_settings(plan), output_path, cancel)
 
-    def decode(self, plan: GenerationPlan, latents: torch.Tensor, output_path: str | os.PathLike) -> dict[str, float]:
-        """Latents -> MP4 at `output_path`. Returns per-step seconds {"vae_decode", "encode"}."""
+    def decode(self, plan: GenerationPlan, latents: torch.Tensor, output_path: str | os.PathLike,
+               cancel: threading.Event | None = None) -> dict[str, float]:
+        """Latents -> MP4 at `output_path`. Returns per-step seconds {"vae_decode", "encode"}.
+
+        `cancel`, when set, stops the encode (raises `GenerationCancelled`).
+        """
         t0 = time.perf_counter()
         frames = self.decode_latents(plan, latents)
         t1 = time.perf_counter()
-        self.write_mp4(plan, frames, output_path)
+        self.write_mp4(plan, frames, output_path, cancel)
         return {"vae_decode": t1 - t0, "encode": time.perf_counter() - t1}

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
@@ -162,20 +163,34 @@ class DecoderDeployment:
         self.stage = Decoder(config)
         self.metrics = StageMetrics("decode")
 
-    def decode(
+    async def decode(
         self, plan: GenerationPlan, latents: Any, carrier: dict | None = None
     ) -> tuple[bytes, dict[str, float]]:
-        """MP4 bytes and {"vae_decode": s, "encode": s}."""
+        """MP4 bytes and {"vae_decode": s, "encode": s}.
+
+        Runs on a worker thread; when the caller cancels (deadline, client gone), ffmpeg
+        is stopped instead of finishing a video nobody will receive.
+        """
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
         with child_span("decode", carrier, output=f"{plan.output_width}x{plan.output_height}"):
             t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory(prefix="vidgen-decode-") as tmp:
-                path = os.path.join(tmp, "video.mp4")
-                try:
-                    timings = self.stage.decode(plan, latents, path)
-                except Exception:
-                    self.metrics.failed("error")
-                    raise
-                with open(path, "rb") as f:
-                    data = f.read()
+            work = loop.run_in_executor(None, self._decode_to_bytes, plan, latents, cancel)
+            try:
+                data, timings = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                cancel.set()
+                self.metrics.failed("cancelled")
+                raise
+            except Exception:
+                self.metrics.failed("error")
+                raise
         self.metrics.observe(time.perf_counter() - t0, self.stage.device.type)
         return data, timings
+
+    def _decode_to_bytes(self, plan: GenerationPlan, latents: Any, cancel: threading.Event):
+        with tempfile.TemporaryDirectory(prefix="vidgen-decode-") as tmp:
+            path = os.path.join(tmp, "video.mp4")
+            timings = self.stage.decode(plan, latents, path, cancel)
+            with open(path, "rb") as f:
+                return f.read(), timings
