@@ -102,6 +102,34 @@ def test_slow_primary_fails_over_to_standby_and_back(drill_config):
     assert active and float(active[0].rsplit(" ", 1)[1]) == 1.0, lines
 
 
+def test_failing_primary_loses_no_request_and_trips_the_router(drill_config):
+    """error_rate=1 on the primary: each failed call is retried on the standby (200 for the
+    client) and counts as a breach, so the 3rd error in a row fails the router over."""
+    import httpx
+
+    from vidgen_serve.drill import deploy_config, with_faults
+
+    config, base_url, _ = drill_config
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    before = httpx.get(f"{base_url}/v1/admin/router", headers=admin, timeout=30).json()
+    assert before["active"] == "primary", before
+    errors_before = before["targets"]["primary"]["errors"]
+
+    deploy_config(with_faults(config, "Denoiser", error_rate=1.0))
+    try:
+        with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300) as client:
+            responses = [client.post(f"{base_url}/v1/video/generate", json=REQUEST) for _ in range(4)]
+        assert [r.status_code for r in responses] == [200] * 4, [r.text[:200] for r in responses]
+        assert all(r.headers["x-vidgen-denoiser"] == "standby" for r in responses)
+        after = httpx.get(f"{base_url}/v1/admin/router", headers=admin, timeout=30).json()
+        assert after["active"] == "standby", after
+        # 3 failed live calls (probes of the broken primary may add more once failed over)
+        assert after["targets"]["primary"]["errors"] - errors_before >= 3, after["targets"]["primary"]
+        assert after["switches"][-1]["kind"] == "failover"
+    finally:
+        deploy_config(config)
+
+
 def test_router_endpoint_needs_an_admin_key(drill_config):
     import httpx
 
@@ -115,7 +143,7 @@ def test_router_endpoint_needs_an_admin_key(drill_config):
     body = r.json()
     assert body["enabled"] is True and body["active"] in ("primary", "standby")
     assert {"targets", "switches", "state"} <= set(body)
-    assert len(body["switches"]) >= 2  # failover then failback, from the drill above
+    assert len(body["switches"]) >= 3  # failover, failback, failover, from the tests above
 
 
 def test_locust_load_run_against_the_service(drill_config, tmp_path):

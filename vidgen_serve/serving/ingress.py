@@ -264,7 +264,23 @@ class Ingress:
 
     async def _denoise(self, plan: GenerationPlan, embeddings: Any, carrier: dict,
                        on_progress: Callable[[dict], None] | None) -> tuple[Any, dict[str, float], str]:
+        """Denoise on the router's choice; if that target fails, once more on the other one.
+
+        A failed call is reported to the router first (errors count as breaches), so a
+        broken primary is still failed over; meanwhile no accepted request is lost to it.
+        """
         target = await self._choose_denoiser()
+        try:
+            return await self._denoise_on(target, plan, embeddings, carrier, on_progress)
+        except VidgenError as exc:
+            other = "standby" if target == "primary" else "primary"
+            if exc.status_code < 500 or self.denoisers.get(other) is None:
+                raise
+            logger.warning("denoise on the %s failed (%s); retrying on the %s", target, exc.message, other)
+            return await self._denoise_on(other, plan, embeddings, carrier, on_progress)
+
+    async def _denoise_on(self, target: str, plan: GenerationPlan, embeddings: Any, carrier: dict,
+                          on_progress: Callable[[dict], None] | None) -> tuple[Any, dict[str, float], str]:
         handle = self.denoisers[target]
         gen = handle.options(stream=True).denoise.remote(plan, embeddings, carrier)
         t0 = time.perf_counter()
