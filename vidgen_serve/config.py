@@ -133,15 +133,40 @@ class ModelProfile(BaseModel):
             raise ValueError(f"default_steps={self.default_steps} exceeds max_steps={self.max_steps}")
         if self.default_guidance_scale > self.max_guidance_scale:
             raise ValueError("default_guidance_scale exceeds max_guidance_scale")
-        tp = self.tensor_parallel_size
-        if self.num_attention_heads % tp:
-            raise ValueError(
-                f"tensor_parallel_size={tp} must divide num_attention_heads={self.num_attention_heads} "
-                f"(valid: {[n for n in range(1, self.num_attention_heads + 1) if self.num_attention_heads % n == 0]})"
-            )
-        if self.device == "cuda" and tp > self.gpus_per_node:
-            raise ValueError(f"tensor_parallel_size={tp} exceeds gpus_per_node={self.gpus_per_node}")
+        check_tensor_parallel(self)
         return self
+
+
+def valid_tp_sizes(profile: ModelProfile) -> list[int]:
+    """Tensor-parallel sizes a profile accepts: divisors of the heads (<= gpus_per_node on GPU)."""
+    heads = profile.num_attention_heads
+    limit = heads if profile.device != "cuda" else min(heads, profile.gpus_per_node)
+    return [n for n in range(1, limit + 1) if heads % n == 0]
+
+
+def check_tensor_parallel(profile: ModelProfile) -> int:
+    """The profile's ``tensor_parallel_size``, checked; ``ValueError`` naming heads and valid sizes.
+
+    The size must divide ``num_attention_heads`` (each rank attends with heads/N heads) and, on
+    GPU profiles, fit one node (``gpus_per_node``). `ModelProfile` runs this when validated; the
+    tensor-parallel group runs it again before starting workers (for unvalidated profiles).
+    """
+    tp = int(profile.tensor_parallel_size)
+    heads = int(profile.num_attention_heads)
+    valid = valid_tp_sizes(profile)
+    if tp < 1:
+        raise ValueError(f"tensor_parallel_size={tp} must be >= 1 (valid sizes: {valid})")
+    if heads % tp:
+        raise ValueError(
+            f"profile {profile.name!r}: tensor_parallel_size={tp} must divide num_attention_heads={heads} "
+            f"(each rank attends with heads/N heads; valid sizes: {valid})"
+        )
+    if profile.device == "cuda" and tp > profile.gpus_per_node:
+        raise ValueError(
+            f"profile {profile.name!r}: tensor_parallel_size={tp} exceeds gpus_per_node={profile.gpus_per_node} "
+            f"(a tensor-parallel group must fit one node; valid sizes: {valid})"
+        )
+    return tp
 
 
 _TINY_SIZES = {"16:9": (112, 64), "9:16": (64, 112), "1:1": (80, 80)}

@@ -23,7 +23,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import AppConfig, ModelProfile
+from ..config import AppConfig, ModelProfile, check_tensor_parallel
+from ..config import valid_tp_sizes as config_valid_tp_sizes
 from ..pipeline.denoiser import drive
 from ..plan import GenerationPlan
 
@@ -61,38 +62,17 @@ def _profile_of(profile_or_config: ModelProfile | AppConfig) -> ModelProfile:
 
 
 def valid_tp_sizes(profile: ModelProfile | AppConfig) -> list[int]:
-    """Tensor-parallel sizes this profile accepts: divisors of the heads (<= gpus_per_node on GPU)."""
-    profile = _profile_of(profile)
-    heads = profile.num_attention_heads
-    limit = heads if profile.device != "cuda" else min(heads, profile.gpus_per_node)
-    return [n for n in range(1, limit + 1) if heads % n == 0]
+    """Tensor-parallel sizes this profile accepts (see `config.valid_tp_sizes`)."""
+    return config_valid_tp_sizes(_profile_of(profile))
 
 
 def validate_tp(profile: ModelProfile | AppConfig) -> int:
     """Check the profile's ``tensor_parallel_size`` before any worker starts; returns it.
 
-    Raises ``ValueError`` naming the heads and the valid sizes when the size does not divide
-    ``num_attention_heads`` or (GPU profiles) exceeds ``gpus_per_node`` (a TP group is one node).
-    ``ModelProfile`` runs the same checks when it is validated; this repeats them for profiles
-    built without validation and gives the serving layer one call to make.
+    The same check `ModelProfile` runs when validated (`config.check_tensor_parallel`),
+    repeated here for profiles built without validation.
     """
-    profile = _profile_of(profile)
-    tp = int(profile.tensor_parallel_size)
-    heads = int(profile.num_attention_heads)
-    valid = valid_tp_sizes(profile)
-    if tp < 1:
-        raise ValueError(f"tensor_parallel_size={tp} must be >= 1 (valid sizes: {valid})")
-    if heads % tp:
-        raise ValueError(
-            f"profile {profile.name!r}: tensor_parallel_size={tp} must divide num_attention_heads={heads} "
-            f"(each rank attends with heads/N heads; valid sizes: {valid})"
-        )
-    if profile.device == "cuda" and tp > profile.gpus_per_node:
-        raise ValueError(
-            f"profile {profile.name!r}: tensor_parallel_size={tp} exceeds gpus_per_node={profile.gpus_per_node} "
-            f"(a tensor-parallel group must fit one node; valid sizes: {valid})"
-        )
-    return tp
+    return check_tensor_parallel(_profile_of(profile))
 
 
 def rank_bundle(profile: ModelProfile, cpus_per_rank: float = DEFAULT_CPUS_PER_RANK) -> dict[str, float]:
