@@ -5,40 +5,8 @@ group starts, so importing this package stays light); ``local``: the CLI's ``--t
 private local Ray (import ``vidgen_serve.parallel.local`` directly).
 """
 
-from .group import (
-    TensorParallelDenoiser,
-    TensorParallelRun,
-    TensorParallelWorker,
-    placement_group_bundles,
-    valid_tp_sizes,
-    validate_tp,
-)
-from .tensor_parallel import (
-    ROW_PARALLEL_LINEARS,
-    DistributedRMSNorm,
-    disable_unsupported_deepspeed_ops,
-    find_free_port,
-    init_tp_process_group,
-    parameter_bytes,
-    run_local_tp_group,
-    shard_wan_transformer,
-    sharded_forward_worker,
-)
+from . import group, tensor_parallel
+from .group import *  # noqa: F401,F403 - the public names are each module's __all__
+from .tensor_parallel import *  # noqa: F401,F403
 
-__all__ = [
-    "TensorParallelDenoiser",
-    "TensorParallelRun",
-    "TensorParallelWorker",
-    "placement_group_bundles",
-    "valid_tp_sizes",
-    "validate_tp",
-    "ROW_PARALLEL_LINEARS",
-    "DistributedRMSNorm",
-    "disable_unsupported_deepspeed_ops",
-    "find_free_port",
-    "init_tp_process_group",
-    "parameter_bytes",
-    "run_local_tp_group",
-    "shard_wan_transformer",
-    "sharded_forward_worker",
-]
+__all__ = [*group.__all__, *tensor_parallel.__all__]
