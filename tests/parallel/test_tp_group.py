@@ -18,24 +18,21 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("VIDGEN_CACHE_DIR", "/tmp/vidgen-test-cache")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
-
-from vidgen_serve.config import PROFILES, AppConfig, ModelProfile  # noqa: E402
-from vidgen_serve.parallel.group import (  # noqa: E402
+from vidgen_serve.config import PROFILES, AppConfig, ModelProfile
+from vidgen_serve.parallel.group import (
     TensorParallelDenoiser,
     placement_group_bundles,
     valid_tp_sizes,
     validate_tp,
 )
-from vidgen_serve.parallel.tensor_parallel import parameter_bytes  # noqa: E402
-from vidgen_serve.plan import build_plan  # noqa: E402
-from vidgen_serve.request import parse_request  # noqa: E402
+from vidgen_serve.parallel.tensor_parallel import parameter_bytes
+from vidgen_serve.plan import build_plan
+from vidgen_serve.request import parse_request
 
 PROMPT = "一只橘猫在樱花树下追逐蝴蝶"
 TP2 = {"tensor_parallel_size": 2}

@@ -20,16 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-os.environ.setdefault(
-    "VIDGEN_CACHE_DIR",
-    os.path.join(tempfile.gettempdir(), f"vidgen-test-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}"),
-)
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import httpx
+import pytest
 
-import httpx  # noqa: E402
-import pytest  # noqa: E402
-
-from vidgen_serve.parallel.tensor_parallel import find_free_port  # noqa: E402
+from vidgen_serve.parallel.tensor_parallel import find_free_port
 
 pytestmark = pytest.mark.slow
 
