@@ -71,7 +71,9 @@ class Denoiser:
         self.transformer = transformer
         self.scheduler_template = load_scheduler(checkpoint)
         self.in_channels = transformer.config.in_channels
-        self.dtype = next(transformer.parameters()).dtype
+        # The compute dtype as diffusers' WanPipeline reads it (`transformer.dtype` skips the
+        # `_keep_in_fp32_modules`, e.g. `scale_shift_table`, which stay float32 in a bf16 model).
+        self.dtype = transformer.dtype
 
     def _predict(
         self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float
