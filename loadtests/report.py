@@ -124,15 +124,20 @@ def plot(run: "LoadRun", replica_rows: list[dict[str, Any]], path: Path) -> Path
     ax.legend(fontsize=8, loc="upper left")
 
     ax = axes[3]
-    by_deployment: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    by_deployment: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     for row in replica_rows:
-        by_deployment[row["deployment"]].append((float(row["timestamp"]) - t0, float(row["running"])))
+        by_deployment[row["deployment"]].append((float(row["timestamp"]) - t0, float(row["running"]),
+                                                 float(row["target"] or 0)))
     for i, (name, points) in enumerate(sorted(by_deployment.items())):
         # Offset the steps a little so deployments at the same count stay distinguishable.
-        ax.step([p[0] for p in points], [p[1] + 0.03 * i for p in points], where="post",
-                color=colors[i % len(colors)], label=name)
+        times = [p[0] for p in points]
+        color = colors[i % len(colors)]
+        ax.step(times, [p[1] + 0.03 * i for p in points], where="post", color=color, label=f"{name} running")
+        if any(p[2] != p[1] for p in points):  # the autoscaler's target, where it differs
+            ax.step(times, [p[2] + 0.03 * i for p in points], ":", where="post", color=color,
+                    label=f"{name} target")
     ax.set_ylabel("replicas (RUNNING)")
-    peak = max((p[1] for points in by_deployment.values() for p in points), default=1)
+    peak = max((max(p[1], p[2]) for points in by_deployment.values() for p in points), default=1)
     ax.set_ylim(0, peak + 1)
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("seconds since the load started")

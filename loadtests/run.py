@@ -120,7 +120,7 @@ def _session_pids(sid: int) -> list[int]:
 class LocalService:
     """The serve config running on a private local Ray head; a context manager that always cleans up."""
 
-    def __init__(self, config: dict, workdir: Path, num_cpus: int = 4, start_timeout_s: float = 420,
+    def __init__(self, config: dict, workdir: Path, num_cpus: int = 4, start_timeout_s: float = 600,
                  env: dict[str, str] | None = None):
         self.config = copy_config(config)
         self.extra_env = dict(env or {})
@@ -458,10 +458,14 @@ def main(argv: list[str] | None = None) -> int:
         run, rows = measure(args.url, scenario, out, args.api_key, sampler, minimums, args.allow_remote)
     else:
         print(f"starting the local service ({scenario.name}: {scenario.description}) ...", file=sys.stderr, flush=True)
-        with LocalService(config, out, env=scenario.ray_env) as service:
-            print(f"ready at {service.url}; load for {scenario.load_s:.0f}s", file=sys.stderr, flush=True)
-            run, rows = measure(service.url, scenario, out, service.api_key,
-                                ReplicaSampler(service.dashboard_url, service.dashboard_headers()), minimums)
+        try:
+            with LocalService(config, out, env=scenario.ray_env) as service:
+                print(f"ready at {service.url}; load for {scenario.load_s:.0f}s", file=sys.stderr, flush=True)
+                run, rows = measure(service.url, scenario, out, service.api_key,
+                                    ReplicaSampler(service.dashboard_url, service.dashboard_headers()), minimums)
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"error: the local service did not start: {exc}", file=sys.stderr)
+            return 1
     passed, reasons, report = conclude(run, rows)
     for reason in reasons:
         print(f"FAILED: {reason}", file=sys.stderr)
