@@ -43,7 +43,7 @@ clean:
 # A bounded headless load run against the local tiny service (started, waited for, stopped
 # here): var/loadtest/<scenario>-<time>/ gets Locust's CSVs, replicas.csv and report.html
 # (+ report.png). Exits 1 when a request failed (shed 429/503 answers are not failures).
-# SCENARIO=autoscale shows the Denoiser scaling up under load and back down after it.
+# SCENARIO=autoscale fails unless the Denoiser scales up under load and back down after it.
 SCENARIO ?= mixed
 .PHONY: loadtest
 loadtest: setup
