@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from vidgen_serve.parallel.tensor_parallel import find_free_port
+from vidgen_serve.net import find_free_port
 
 pytestmark = pytest.mark.slow
 
