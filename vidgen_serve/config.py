@@ -211,7 +211,7 @@ def check_parallel(profile: ModelProfile) -> ParallelLayout:
         raise ValueError(f"parallel.tp={tp} and parallel.ulysses={ulysses} must be >= 1")
     if heads % tp:
         raise ValueError(
-            f"profile {profile.name!r}: parallel.tp (tensor_parallel_size)={tp} must divide "
+            f"profile {profile.name!r}: parallel.tp={tp} (tensor_parallel_size) must divide "
             f"num_attention_heads={heads} (each rank attends with heads/tp heads; valid sizes: {valid_tp})"
         )
     if heads % (tp * ulysses):

@@ -34,6 +34,7 @@ from .process_group import disable_unsupported_deepspeed_ops
 __all__ = [
     "DistributedRMSNorm",
     "ROW_PARALLEL_LINEARS",
+    "cast_keep_fp32",
     "compute_dtype_of",
     "parameter_bytes",
     "shard_wan_transformer",
@@ -142,7 +143,7 @@ def compute_dtype_of(module: nn.Module, name: str, dtype: torch.dtype) -> torch.
     return torch.float32 if (keep and _in_keep_fp32(name, keep)) else dtype
 
 
-def _cast_keep_fp32(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+def cast_keep_fp32(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``module.to(dtype)`` except diffusers' ``_keep_in_fp32_modules`` (rope, time embedder,
     scale-shift tables, norms for Wan), which stay float32 as ``from_pretrained`` keeps them."""
     keep = _keep_fp32_names(module)
@@ -208,7 +209,7 @@ def shard_wan_transformer(
         )
     if tp_size == 1:
         if dtype is not None:
-            _cast_keep_fp32(transformer, dtype)
+            cast_keep_fp32(transformer, dtype)
         return transformer
     if not dist.is_initialized():
         raise RuntimeError("shard_wan_transformer needs an initialised torch.distributed group "
@@ -235,7 +236,7 @@ def shard_wan_transformer(
         # (A meta model's linears carry the dtype they were built with.)
         dtype = transformer.blocks[0].attn1.to_q.weight.dtype
     # DeepSpeed casts the *whole* module to `dtype`; keep diffusers' fp32 modules fp32.
-    _cast_keep_fp32(transformer, dtype)
+    cast_keep_fp32(transformer, dtype)
     fp32_snapshot = _snapshot_keep_fp32(transformer, dtype)
 
     blocks = list(transformer.blocks)

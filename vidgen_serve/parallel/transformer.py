@@ -105,9 +105,11 @@ def build_empty_transformer(checkpoint: str, dtype: torch.dtype) -> nn.Module:
     except (OSError, ValueError) as exc:
         raise VidgenError(503, f"could not load {_SUBFOLDER} config from checkpoint {checkpoint!r}: {exc}",
                           code="checkpoint_unavailable") from exc
+    from .tensor_parallel import cast_keep_fp32
+
     with init_empty_weights():
         model = WanTransformer3DModel.from_config(config)
-    return model.to(dtype).eval().requires_grad_(False)
+    return cast_keep_fp32(model, dtype).eval().requires_grad_(False)
 
 
 def _shard_slice(module: nn.Module, param_name: str) -> tuple[int, int] | None:
