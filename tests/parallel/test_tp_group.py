@@ -309,22 +309,23 @@ def _decode_mp4(path) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_cli_tp2_matches_tp1(tmp_path, pipeline, tiny_config):
-    """``vidgen-serve generate --tp 2`` writes the same video as ``--tp 1``.
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--parallel", "ulysses=2"]], ids=["tp2", "ulysses2"])
+def test_cli_parallel_layout_matches_one_rank(tmp_path, pipeline, tiny_config, layout):
+    """``vidgen-serve generate --tp 2`` / ``--parallel ulysses=2`` write the same video as one rank.
 
-    ``--tp 1`` is exactly ``VideoPipeline(config).generate(plan, output)``, so it runs in-process
-    here (the session pipeline) and only the ``--tp 2`` run pays for a subprocess + local Ray.
+    One rank is exactly ``VideoPipeline(config).generate(plan, output)``, so it runs in-process
+    here (the session pipeline) and only the parallel run pays for a subprocess + local Ray.
     """
     tp1 = tmp_path / "tp1.mp4"
     pipeline.generate(_plan(tiny_config, 2), tp1)
-    tp2 = tmp_path / "tp2.mp4"
+    out = tmp_path / "parallel.mp4"
     cmd = [sys.executable, "-m", "vidgen_serve.cli", "generate", "--prompt", PROMPT, "--duration", "2",
-           "--resolution", "480p", "--seed", "7", "--tp", "2", "--output", str(tp2), "--quiet"]
+           "--resolution", "480p", "--seed", "7", *layout, "--output", str(out), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=dict(os.environ))
-    assert proc.returncode == 0, f"--tp 2 failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    assert tp2.is_file() and tp2.stat().st_size > 0
-    if tp1.read_bytes() == tp2.read_bytes():
+    assert proc.returncode == 0, f"{' '.join(layout)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    assert out.is_file() and out.stat().st_size > 0
+    if tp1.read_bytes() == out.read_bytes():
         return  # byte-identical MP4
-    a, b = _decode_mp4(tp1), _decode_mp4(tp2)
+    a, b = _decode_mp4(tp1), _decode_mp4(out)
     mismatch = _compare_frames(a, b)
-    assert mismatch < MAX_PIXEL_MISMATCH, f"{mismatch:.4%} of decoded pixels differ between --tp 1 and --tp 2"
+    assert mismatch < MAX_PIXEL_MISMATCH, f"{mismatch:.4%} of decoded pixels differ between one rank and {layout}"
