@@ -143,6 +143,37 @@ def wide_checkpoint(tmp_path_factory):
     return root, size
 
 
+# --- the layout in the profile (no workers) ---------------------------------------------------
+
+
+def test_parallel_layout_in_profiles_and_overrides():
+    from pydantic import ValidationError
+
+    from vidgen_serve.config import PROFILES
+    from vidgen_serve.serve import deployment_defaults
+    from vidgen_serve.serving.settings import ServeSettings
+
+    assert PROFILES["wan2.1-14b-tp8"].parallel.model_dump() == {"tp": 8, "ulysses": 1, "cfg": 1}
+    assert PROFILES["wan2.1-14b-8gpu"].parallel.model_dump() == {"tp": 1, "ulysses": 4, "cfg": 2}
+    assert PROFILES["wan2.1-14b-8gpu"].parallel.size == 8
+    # tensor_parallel_size is the short form of parallel.tp, as an override too (replacing the layout).
+    tp4 = AppConfig(profile="wan2.1-14b-8gpu", profile_overrides={"tensor_parallel_size": 4}).model_profile
+    assert (tp4.parallel.model_dump(), tp4.tensor_parallel_size) == ({"tp": 4, "ulysses": 1, "cfg": 1}, 4)
+    u8 = AppConfig(profile="wan2.1-14b-tp8", profile_overrides={"parallel": {"ulysses": 8}}).model_profile
+    assert u8.parallel.model_dump() == {"tp": 1, "ulysses": 8, "cfg": 1} and u8.tensor_parallel_size == 1
+    both = AppConfig(profile_overrides={"parallel": {"cfg": 2}, "tensor_parallel_size": 2}).model_profile
+    assert both.parallel.model_dump() == {"tp": 2, "ulysses": 1, "cfg": 2}
+    with pytest.raises(ValidationError, match="tensor_parallel_size=4 conflicts with parallel.tp=2"):
+        AppConfig(profile_overrides={"parallel": {"tp": 2}, "tensor_parallel_size": 4})
+    with pytest.raises(ValidationError, match=r"parallel\.cfg"):
+        AppConfig(profile_overrides={"parallel": {"cfg": 4}})
+    # A non-TP layout is a worker group too: one bundle per rank behind the replica's.
+    settings = ServeSettings.model_validate({"model": {"profile_overrides": {"parallel": {"ulysses": 2, "cfg": 2}}}})
+    denoiser = deployment_defaults(settings)["Denoiser"]
+    assert denoiser["placement_group_bundles"] == [{"CPU": 0.1}] + [{"CPU": 0.25}] * 4
+    assert denoiser["placement_group_strategy"] == "STRICT_PACK"
+
+
 # --- host memory ------------------------------------------------------------------------------
 
 
