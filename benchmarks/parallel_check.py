@@ -103,7 +103,9 @@ def _time_layouts(rank: int, world: int, port: int, spec: dict, layouts: list[di
 
     backend = "gloo" if spec["cpu"] else "nccl"
     if spec["cpu"]:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        # One core per rank, as one GPU per rank: the reference gets one, a layout N (and
+        # several threads per rank on an oversubscribed CPU make the times erratic).
+        torch.set_num_threads(1)
     if world > 1 or not spec["cpu"]:
         init_process_group(rank, world, "127.0.0.1", port, backend=backend, local_rank=rank)
     device = torch.device("cpu") if spec["cpu"] else torch.device("cuda", rank)
@@ -130,7 +132,9 @@ def _time_layouts(rank: int, world: int, port: int, spec: dict, layouts: list[di
                     times.append(time.perf_counter() - t0)
         if rank == 0:
             results.put({"layout": layout, "ranks": world, "step_s": min(times),
-                         "output": out.float().cpu(),
+                         # numpy: pickled by value (a tensor would be shared by a file descriptor
+                         # that vanishes when this rank exits before the parent reads it)
+                         "output": out.float().cpu().numpy(),
                          "peak_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                                       if device.type == "cuda" else None)})
         del model, out
@@ -174,10 +178,10 @@ def run_layouts(spec: dict, layouts: list[dict]) -> list[dict]:
 def report(spec: dict, measured: list[dict]) -> dict:
     """The JSON document: per layout its step time, speed-up, efficiency and output difference."""
     ref = measured[0]
-    scale = ref["output"].abs().max().item()
+    scale = float(abs(ref["output"]).max())
     rows = []
     for m in measured:
-        diff = (m["output"] - ref["output"]).abs().max().item()
+        diff = float(abs(m["output"] - ref["output"]).max())
         speedup = ref["step_s"] / m["step_s"]
         name = ",".join(f"{k}={v}" for k, v in m["layout"].items()) or "one rank"
         rows.append({"layout": name, "ranks": m["ranks"], "step_s": round(m["step_s"], 4),

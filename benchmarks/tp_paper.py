@@ -258,7 +258,7 @@ def measure(repeats: int, warmup: int) -> None:
             "cpu": True, "warmup": warmup, "repeats": repeats, "device_name": "cpu"}
     doc = report(spec, run_layouts(spec, [{"tp": 2}]))
     print("\n" + "=" * 78)
-    print(f"Measured on this CPU ({os.cpu_count()} cores, gloo): tiny transformer, CFG batch of 2, "
+    print(f"Measured on this CPU ({os.cpu_count()} cores, gloo, one thread per rank): tiny transformer, CFG batch of 2, "
           f"latent {TINY_LATENT}, {spec['tokens']} tokens")
     print("=" * 78)
     for row in doc["layouts"]:
