@@ -137,7 +137,7 @@ class ModelProfile(BaseModel):
     default_guidance_scale: float = Field(ge=1.0, description="Default classifier-free guidance scale.")
     max_guidance_scale: float = Field(ge=1.0, description="Upper bound on guidance_scale.")
     max_sequence_length: int = Field(ge=8, description="Text encoder token limit (prompt is truncated past it).")
-    num_attention_heads: int = Field(ge=1, description="Transformer attention heads (checked against TP size).")
+    num_attention_heads: int = Field(ge=1, description="Transformer attention heads (checked against the parallel layout).")
     parallel: ParallelLayout = Field(
         default_factory=ParallelLayout,
         description="Layout of the denoiser's worker group {tp, ulysses, cfg}; `tensor_parallel_size: N` is "
@@ -160,7 +160,7 @@ class ModelProfile(BaseModel):
         data = dict(data)
         tp = data.pop("tensor_parallel_size")
         layout = data.get("parallel")
-        layout = layout.model_dump() if isinstance(layout, ParallelLayout) else dict(layout or {})
+        layout = layout.model_dump(exclude_unset=True) if isinstance(layout, ParallelLayout) else dict(layout or {})
         if "tp" in layout and layout["tp"] != tp:
             raise ValueError(f"tensor_parallel_size={tp} conflicts with parallel.tp={layout['tp']} "
                              f"(tensor_parallel_size is the short form of parallel.tp: give one)")

@@ -22,13 +22,15 @@ _BATCHED_INPUTS = ("hidden_states", "timestep", "encoder_hidden_states", "encode
 def apply_cfg_parallel(transformer: torch.nn.Module, group: dist.ProcessGroup) -> torch.nn.Module:
     """Split every batched forward of ``transformer`` across the CFG ``group``, in place; every
     rank of the group must call it.  Returns the transformer."""
+    import inspect
+
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     state = {"split": False}
+    signature = inspect.signature(transformer.forward)
 
     def split_batch(_module, args, kwargs):
-        named = dict(zip(_BATCHED_INPUTS, args))
-        named.update(kwargs)
+        named = dict(signature.bind(*args, **kwargs).arguments)  # every input by name
         batch = named["hidden_states"].shape[0]
         state["split"] = batch % world == 0
         if not state["split"]:

@@ -17,7 +17,7 @@ becomes column-parallel).  Two things DeepSpeed does not do for Wan and this mod
    a per-shard norm is wrong; :class:`DistributedRMSNorm` all-reduces the sum of squares.
 
 The model may be on the meta device (built without weights): DeepSpeed then shards shapes only
-and :mod:`.sharded_loading` fills each rank's slices from the checkpoint, so no rank ever holds
+and :func:`.transformer.load_checkpoint_shards` fills each rank's slices from the checkpoint, so no rank ever holds
 the whole transformer.  Nothing here depends on Ray.
 """
 
@@ -189,7 +189,7 @@ def shard_wan_transformer(
     Must be called on every rank of an initialised group (see
     :func:`~.process_group.init_process_group`) with identical weights, or with the model on the
     meta device (then every sharded parameter stays meta or blank and
-    :func:`~.sharded_loading.load_checkpoint_shards` fills it).  ``tp_group`` is this rank's TP
+    :func:`~.transformer.load_checkpoint_shards` fills it).  ``tp_group`` is this rank's TP
     group when the world holds other dimensions too (Ulysses, CFG).  Returns the sharded module
     (the same ``WanTransformer3DModel`` object, so ``.config``/``.dtype`` keep working).
     """
