@@ -73,7 +73,7 @@ class FaultInjection(BaseModel):
 
 
 class DenoiserDeployment:
-    """Serve wrapper of `Denoiser` (or of a tensor-parallel group of them).
+    """Serve wrapper of `Denoiser` (or of a parallel worker group of them: TP, Ulysses, CFG).
 
     `denoise` is an async generator: it yields {"progress": ...} after every (step,
     window) unit and finally {"latents": ..., "timings": ...}. Each unit runs on this
@@ -85,10 +85,10 @@ class DenoiserDeployment:
         configure_tracing()
         self.role = role
         profile = config.model_profile
-        if profile.tensor_parallel_size > 1:
-            from ..parallel.group import TensorParallelDenoiser
+        if profile.parallel.size > 1:  # a worker group: {tp, ulysses, cfg} ranks
+            from ..parallel.group import ParallelDenoiser
 
-            self.stage: Any = TensorParallelDenoiser(config)
+            self.stage: Any = ParallelDenoiser(config)
         else:
             self.stage = Denoiser(config, resolve_checkpoint(config))
         self.device_type = profile.device
@@ -132,7 +132,7 @@ class DenoiserDeployment:
                 self.metrics.failed("error")
                 if getattr(self.stage, "broken", False):
                     # A rank died: this replica fails its health check and Serve replaces it.
-                    raise VidgenError(503, f"the {self.role} denoiser's tensor-parallel group failed ({exc}); "
+                    raise VidgenError(503, f"the {self.role} denoiser's parallel worker group failed ({exc}); "
                                            "its replica is being replaced, retry", code="stage_unavailable",
                                       headers={"Retry-After": "10"}) from exc
                 raise
@@ -141,7 +141,7 @@ class DenoiserDeployment:
         yield {"latents": latents, "timings": {"denoise": seconds}, "role": self.role}
 
     def check_health(self) -> None:
-        """Serve calls this periodically; a broken tensor-parallel group makes the replica unhealthy."""
+        """Serve calls this periodically; a broken parallel worker group makes the replica unhealthy."""
         check = getattr(self.stage, "check_health", None)
         if check is not None:
             check()
