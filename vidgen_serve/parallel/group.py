@@ -254,8 +254,8 @@ class TensorParallelWorker:
         try:
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - best effort; the actor is killed next anyway
-            pass
+        except Exception as exc:  # noqa: BLE001 - best effort; the actor is killed next anyway
+            logger.debug("rank %d: leaving the process group failed: %r", self.rank, exc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,9 +419,7 @@ class TensorParallelDenoiser:
                     worker_cls.options(**options).remote(rank, self.tp_size, config, self.checkpoint)
                 )
             master_addr, master_port = self._call_ranks("rendezvous", [0], timeout=setup_timeout_s)[0]
-            self.master = (master_addr, master_port)
-            self.infos = self._call_all("setup", master_addr, master_port, setup_timeout_s,
-                                        timeout=setup_timeout_s)
+            self._call_all("setup", master_addr, master_port, setup_timeout_s, timeout=setup_timeout_s)
             self._broken = None
         except BaseException:
             self.close()
@@ -506,8 +504,8 @@ class TensorParallelDenoiser:
                 ray.get(ref, timeout=2.0)
             except RayActorError:
                 dead.append(r)
-            except (GetTimeoutError, Exception):  # noqa: BLE001
-                pass
+            except (GetTimeoutError, Exception) as exc:  # noqa: BLE001 - alive, only slow or failing
+                logger.debug("rank %d: no answer to its ping yet (%r)", r, exc)
         return dead
 
     def _mark_broken(self, message: str) -> None:
@@ -522,8 +520,8 @@ class TensorParallelDenoiser:
             for w in self.workers:
                 try:
                     w.release.remote(run_id)
-                except Exception:  # noqa: BLE001
-                    pass
+                except Exception as exc:  # noqa: BLE001
+                    logger.debug("releasing run %s on a rank failed: %r", run_id, exc)
 
     # -- the Denoiser interface ----------------------------------------------------------------
 
@@ -593,13 +591,13 @@ class TensorParallelDenoiser:
             # Leave the process group cleanly where possible (a broken one may hang in it).
             try:
                 ray.wait([w.shutdown.remote() for w in workers], num_returns=len(workers), timeout=min(5.0, timeout_s))
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("ranks did not shut down cleanly: %r", exc)
         for w in workers:
             try:
                 ray.kill(w, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("killing a rank failed: %r", exc)
         # Wait for the kills to land: a call on a killed actor fails with RayActorError.
         deadline = time.monotonic() + timeout_s
         for w in workers:
@@ -614,8 +612,8 @@ class TensorParallelDenoiser:
         if self._owns_pg and self._pg is not None:
             try:
                 ray.util.remove_placement_group(self._pg)
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("removing the placement group failed: %r", exc)
         self._pg = None
 
     def __enter__(self) -> "TensorParallelDenoiser":
