@@ -7,7 +7,9 @@ at once while the accepted ones generate. Printed, side by side from the same ru
 
 - 429 latency p50 / p99 / max (all rounds together), and how many requests got what;
 - accepted-request latency p50 in the bursts, and of lone requests (the baseline a 429
-  must be far below: a rejection must not wait behind generation work).
+  must be far below: a rejection must not wait behind generation work);
+- the floor: `GET /healthz` sent with each burst (no work at all, same proxy and replica),
+  i.e. what any answer costs on this machine while the accepted requests generate.
 
 Bounded: `--rounds` bursts (default 3) and a wall-clock cap (`--max-seconds`).
 
@@ -43,22 +45,31 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:7.1f} ms"
 
 
-async def burst(client, url: str, n: int, seed0: int) -> list[tuple[int, float, str | None]]:
-    """`n` concurrent generate calls released together; (status, seconds, Retry-After) each."""
+async def burst(client, base_url: str, n: int, seed0: int, floor: int):
+    """`n` concurrent generate calls (and `floor` GET /healthz) released together.
+
+    Returns:
+        ([(status, seconds, Retry-After)] of the generate calls, [seconds] of the health calls).
+    """
     start = asyncio.Event()
 
-    async def one(i: int):
+    async def generate(i: int):
         await start.wait()
         t0 = time.perf_counter()
-        r = await client.post(url, json={**REQUEST, "seed": seed0 + i})
-        el = time.perf_counter() - t0
-        if r.status_code == 429 and i % 6 == 0: print(f"{el:.3f}", r.headers.get("x-dbg"))
-        return r.status_code, el, r.headers.get("retry-after")
+        r = await client.post(f"{base_url}/v1/video/generate", json={**REQUEST, "seed": seed0 + i})
+        return r.status_code, time.perf_counter() - t0, r.headers.get("retry-after")
 
-    tasks = [asyncio.create_task(one(i)) for i in range(n)]
+    async def health():
+        await start.wait()
+        t0 = time.perf_counter()
+        (await client.get(f"{base_url}/healthz")).raise_for_status()
+        return time.perf_counter() - t0
+
+    tasks = [asyncio.create_task(generate(i)) for i in range(n)]
+    floors = [asyncio.create_task(health()) for _ in range(floor)]
     await asyncio.sleep(0.2)  # every task is parked on the event before any request starts
     start.set()
-    return await asyncio.gather(*tasks)
+    return await asyncio.gather(*tasks), await asyncio.gather(*floors)
 
 
 async def run(base_url: str, args) -> None:
@@ -77,12 +88,13 @@ async def run(base_url: str, args) -> None:
             t0 = time.perf_counter()
             (await client.post(url, json={**REQUEST, "seed": 10 + i})).raise_for_status()
             lone.append(time.perf_counter() - t0)
-        rejected, accepted, other = [], [], []
+        rejected, accepted, other, floor = [], [], [], []
         for round_no in range(args.rounds):
             if time.monotonic() > deadline:
                 print(f"stopping after {round_no} rounds: --max-seconds {args.max_seconds:g} reached")
                 break
-            results = await burst(client, url, n, 1000 * (round_no + 1))
+            results, health = await burst(client, base_url, n, 1000 * (round_no + 1), args.floor)
+            floor += health
             for status, seconds, retry_after in results:
                 if status == 429:
                     assert retry_after is not None and int(retry_after) >= 1, "429 without Retry-After"
@@ -99,6 +111,9 @@ async def run(base_url: str, args) -> None:
     if rejected:
         print(f"429 latency       p50 {ms(statistics.median(rejected))}   p99 {ms(percentile(rejected, 99))}   "
               f"max {ms(max(rejected))}   (goal: p99 < 100 ms on this machine)")
+    if floor:
+        print(f"GET /healthz      p50 {ms(statistics.median(floor))}   p99 {ms(percentile(floor, 99))}   "
+              "(floor: no work at all, same bursts)")
     if accepted:
         print(f"accepted (burst)  p50 {ms(statistics.median(accepted))}   p99 {ms(percentile(accepted, 99))}")
     if lone:
@@ -113,6 +128,7 @@ def main() -> None:
     parser.add_argument("--factor", type=int, default=12, help="burst size as a multiple of max_inflight_sync")
     parser.add_argument("--max-inflight", type=int, default=4, help="max_inflight_sync of the service")
     parser.add_argument("--lone", type=int, default=3, help="lone accepted requests for the baseline")
+    parser.add_argument("--floor", type=int, default=4, help="GET /healthz sent with each burst")
     parser.add_argument("--max-seconds", type=float, default=300, help="stop starting rounds after this long")
     args = parser.parse_args()
     if not 1 <= args.rounds <= 20 or not 1 <= args.factor * args.max_inflight <= 256:
