@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from vidgen_serve.config import AppConfig
@@ -12,11 +13,17 @@ from vidgen_serve.plan import build_plan
 from vidgen_serve.request import VideoRequest
 
 
-def test_concurrent_encode_and_count_tokens_all_succeed(checkpoint):
-    # No cache: every encode tokenizes (padded to the limit) while counts tokenize unpadded,
-    # untruncated text far past the limit, on the same tokenizer.
+@pytest.fixture(scope="module")
+def uncached_encoder(checkpoint):
+    # No cache: every encode tokenizes (padded to the limit).
     config = AppConfig(profile_overrides={"text_cache_size": 0})
-    encoder = TextEncoder(config, checkpoint)
+    return config, TextEncoder(config, checkpoint)
+
+
+def test_concurrent_encode_and_count_tokens_all_succeed(uncached_encoder):
+    # Encodes tokenize padded to the limit while counts tokenize unpadded, untruncated text
+    # far past the limit, on the same tokenizer.
+    config, encoder = uncached_encoder
     plans = [build_plan(VideoRequest(prompt=f"scene {i}: " + "a fox in deep snow " * 6, seed=1), config)
              for i in range(4)]
     texts = [f"text {i} " + "long words repeated " * 20 for i in range(4)]
