@@ -238,3 +238,55 @@ def test_errors_survive_pickling_with_their_status_and_details():
         assert (copy.status_code, copy.message, copy.code, copy.details, copy.headers) == (
             error.status_code, error.message, error.code, error.details, error.headers)
         assert str(copy) == str(error)
+
+
+# --- limits from the active profile, values as JSON, fields not applied yet ------------
+
+
+def test_profile_bounds_the_published_duration_and_names_it_in_errors():
+    from vidgen_serve.config import AppConfig
+
+    profile = AppConfig().model_profile  # tiny: up to 30 s
+    schema = request_schema(profile)
+    duration = _field(schema, "duration")
+    assert (duration["minimum"], duration["maximum"]) == (1, profile.max_duration_s) == (1, 30)
+    assert "1..30" in duration["description"] and "120" not in duration["description"]
+    assert "15" not in duration["description"]  # no claim about a native length
+    assert schema["$defs"]["Keyframe"]["properties"]["time_s"]["maximum"] == 30
+    assert request_schema() is request_schema() and request_schema(profile) is request_schema(profile)  # cached
+    for value in (0, 0.5, 500):
+        with pytest.raises(InvalidRequest) as info:
+            parse_request({**BASE, "duration": value}, profile)
+        (err,) = info.value.details
+        assert (err["field"], err["value"], err["allowed"]) == ("duration", value, "1..30")
+    assert "tiny" in only_error_with(profile, {**BASE, "duration": 500})["message"]
+
+
+def only_error_with(profile, body: dict) -> dict:
+    with pytest.raises(InvalidRequest) as info:
+        parse_request(body, profile)
+    assert len(info.value.details) == 1
+    return info.value.details[0]
+
+
+def test_bad_values_are_echoed_as_json_not_as_python():
+    err = only_error({})  # prompt missing: the "input" is the whole body, not the field's
+    assert err["field"] == "prompt" and err["value"] is None
+    err = only_error({**BASE, "fps": {"a": [1, 2]}})
+    assert err["value"] == {"a": [1, 2]}  # a JSON object, not "{'a': [1, 2]}"
+    json.dumps(err, allow_nan=False)
+    err = only_error({**BASE, "fps": {"k": "v" * 300}})
+    assert isinstance(err["value"], str) and err["value"].startswith('{"k": "vvv') and err["value"].endswith("…")
+
+
+def test_not_yet_applied_lists_only_the_fields_set():
+    from vidgen_serve.request import not_yet_applied
+
+    assert not_yet_applied(parse_request(BASE)) == []
+    assert not_yet_applied(parse_request({**BASE, "color_palette": "neutral", "motion_intensity": 1.0})) == []
+    warned = not_yet_applied(parse_request({**BASE, "motion_intensity": 0.5, "camera_motion": "zoom",
+                                            "keyframes": [{"time_s": 1, "prompt": "b"}],
+                                            "temporal_consistency": 0.9}))
+    assert [w.split(":")[0] for w in warned] == ["motion_intensity", "camera_motion", "keyframes",
+                                                 "temporal_consistency"]
+    assert "overlap" in warned[-1]

@@ -8,6 +8,7 @@ without internals.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import ValidationError
@@ -75,12 +76,27 @@ class GenerationCancelled(VidgenError):
         super().__init__(409, message, code="cancelled")
 
 
+MAX_ECHO_CHARS = 200
+
+
 def _safe_value(value: Any) -> Any:
-    # Echo short scalars back; never echo huge inputs into logs or responses.
+    """A bad input as the error echoes it: JSON values as they are while short, else cut.
+
+    Never a Python repr (a dict or list stays a JSON object or array), and never a huge
+    input echoed into logs or responses.
+    """
     if isinstance(value, (int, float, bool)) or value is None:
         return value
-    text = str(value)
-    return text if len(text) <= 200 else text[:200] + "…"
+    if isinstance(value, str):
+        return value if len(value) <= MAX_ECHO_CHARS else value[:MAX_ECHO_CHARS] + "…"
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = str(value)
+    else:
+        if len(text) <= MAX_ECHO_CHARS:
+            return value
+    return text[:MAX_ECHO_CHARS] + "…" if len(text) > MAX_ECHO_CHARS else text
 
 
 def _allowed_from_schema(schema: dict[str, Any]) -> Any:
@@ -146,6 +162,8 @@ def from_validation_error(exc: ValidationError, model_schema: dict[str, Any] | N
         allowed = None
         if model_schema is not None and loc:
             allowed = _allowed_from_schema(_field_schema(model_schema, loc))
+        if err["type"] == "missing":
+            value = None  # the input pydantic has is the enclosing object, not this field's
         if err["type"] == "extra_forbidden":
             parent = _field_schema(model_schema, loc[:-1]) if model_schema and loc else {}
             allowed = sorted(parent.get("properties", {})) or None

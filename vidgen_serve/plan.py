@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .config import AppConfig, ModelProfile, output_size
 from .errors import InvalidRequest, field_error
-from .request import Keyframe, VideoRequest
+from .request import Keyframe, VideoRequest, duration_limit
 
 VAE_TEMPORAL = 4
 VAE_SPATIAL = 8
@@ -76,15 +76,28 @@ class GenerationPlan(BaseModel):
     keyframes: list[Keyframe] = Field(default_factory=list)
 
     @property
-    def latent_tokens(self) -> int:
-        """Transformer tokens in the whole latent video (work measure for latency normalisation)."""
-        return self.latent_frames * (self.latent_height // PATCH_SPATIAL) * (self.latent_width // PATCH_SPATIAL)
-
-    @property
     def window_tokens(self) -> int:
         """Transformer tokens processed per denoising step, summed over windows."""
         per_frame = (self.latent_height // PATCH_SPATIAL) * (self.latent_width // PATCH_SPATIAL)
         return sum(w.length for w in self.windows) * per_frame
+
+    @property
+    def classifier_free_guidance(self) -> bool:
+        """Whether guidance runs an unconditional pass too (guidance_scale 1 means it does not)."""
+        return self.guidance_scale > 1.0
+
+    @property
+    def work_units(self) -> float:
+        """The denoising work of this plan, in transformer token-passes.
+
+        One unit is one latent token going through the transformer once: steps x tokens per
+        step (all windows) x forward passes per step (2 with classifier-free guidance, 1
+        without). The failover router normalises latency by it, so a long 1080p request is
+        not "slow" next to a short one, nor a guidance-free one "fast". Attention is
+        super-linear in tokens, so this is a first-order measure.
+        """
+        passes = 2 if self.classifier_free_guidance else 1
+        return float(self.num_inference_steps * self.window_tokens * passes)
 
     def summary(self) -> dict[str, Any]:
         """A short, loggable description (no prompt text)."""
@@ -143,14 +156,7 @@ def _check_profile_bounds(request: VideoRequest, config: AppConfig, profile: Mod
             )
         )
     if request.duration > profile.max_duration_s:
-        errors.append(
-            field_error(
-                "duration",
-                request.duration,
-                f"longer than profile {profile.name} allows",
-                f"1..{profile.max_duration_s:g}",
-            )
-        )
+        errors.append(field_error("duration", request.duration, *duration_limit(profile)))
     if request.num_inference_steps is not None and request.num_inference_steps > profile.max_steps:
         errors.append(
             field_error(

@@ -12,7 +12,7 @@ from typing import Any
 
 from .serving.settings import ServeSettings
 
-__all__ = ["ServeSettings", "build_app", "deployment_defaults"]
+__all__ = ["ServeSettings", "build_app", "build_app_with_options", "deployment_defaults"]
 
 
 def deployment_defaults(settings: ServeSettings) -> dict[str, dict[str, Any]]:
@@ -70,6 +70,17 @@ def build_app(args: dict[str, Any] | None = None):
     Returns:
         The bound ingress application, ready for `serve.run` / `serve run`.
     """
+    return build_app_with_options(args)
+
+
+def build_app_with_options(args: dict[str, Any] | None = None,
+                           deployment_options: dict[str, dict[str, Any]] | None = None):
+    """`build_app` with Serve options per deployment name merged over the defaults.
+
+    The Python counterpart of the config's `deployments:` section (Serve requires an
+    `import_path` builder to take exactly one argument, hence a function of its own), e.g.
+    ``{"Decoder": {"user_config": {"fault_injection": {...}}}}``.
+    """
     from ray import serve
 
     from .serving.ingress import IngressApp
@@ -79,16 +90,22 @@ def build_app(args: dict[str, Any] | None = None):
     settings = ServeSettings.model_validate(args or {})
     config = settings.model
     opts = deployment_defaults(settings)
+    unknown = set(deployment_options or {}) - set(opts)
+    if unknown:
+        raise ValueError(f"deployment_options for unknown deployments {sorted(unknown)}; known: {sorted(opts)}")
+    for name, overrides in (deployment_options or {}).items():
+        opts[name] = {**opts[name], **overrides}
 
     text_encoder = serve.deployment(TextEncoderDeployment, name="TextEncoder", **opts["TextEncoder"]).bind(config)
     denoisers = {
-        "primary": serve.deployment(DenoiserDeployment, name="Denoiser", **opts["Denoiser"]).bind(config, "primary")
+        "primary": serve.deployment(DenoiserDeployment, name="Denoiser", **opts["Denoiser"]).bind(
+            config, "primary", settings.retry_after_s)
     }
     router = None
     if settings.standby:
         denoisers["standby"] = serve.deployment(
             DenoiserDeployment, name="DenoiserStandby", **opts["DenoiserStandby"]
-        ).bind(config, "standby")
+        ).bind(config, "standby", settings.retry_after_s)
         router = serve.deployment(FailoverRouter, name="FailoverRouter", **opts["FailoverRouter"]).bind(
             settings, text_encoder, denoisers
         )

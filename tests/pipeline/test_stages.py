@@ -225,3 +225,39 @@ def test_decoder_rejects_latents_of_another_plan(pipeline, tiny_config):
     with pytest.raises(ValueError, match="does not match"):
         pipeline.decoder.decode_latents(plan, torch.zeros(1, 16, plan.latent_frames + 1, plan.latent_height,
                                                           plan.latent_width))
+
+
+def test_decode_reports_its_phases_with_a_fraction(pipeline, tiny_config, tmp_path):
+    plan = make_plan(tiny_config, num_inference_steps=1)
+    latents = pipeline.denoiser.denoise(plan, pipeline.text_encoder.encode(plan))
+    events = []
+    pipeline.decoder.decode(plan, latents, tmp_path / "v.mp4", progress=events.append)
+    vae = [e["fraction"] for e in events if e["phase"] == "vae_decode"]
+    # One event as the phase starts, then one per latent frame the VAE decodes.
+    assert vae == pytest.approx([0.0] + [k / plan.latent_frames for k in range(1, plan.latent_frames + 1)], abs=1e-4)
+    assert [e for e in events if e["phase"] == "encode"] == [{"phase": "encode", "fraction": 0.0},
+                                                             {"phase": "encode", "fraction": 1.0}]
+    assert [e["phase"] for e in events] == ["vae_decode"] * len(vae) + ["encode"] * 2  # in order
+
+
+def test_concurrent_decodes_equal_sequential_ones(pipeline, tiny_config):
+    """A Decoder replica takes two decodes at once; the Wan VAE keeps a per-module frame cache."""
+    import threading
+
+    plans = [make_plan(tiny_config, seed=s, num_inference_steps=1, duration=2) for s in (1, 2)]
+    latents = [pipeline.denoiser.denoise(p, pipeline.text_encoder.encode(p)) for p in plans]
+    expected = [pipeline.decoder.decode_latents(p, x) for p, x in zip(plans, latents)]
+    results: dict[int, np.ndarray] = {}
+    start = threading.Barrier(2)
+
+    def decode(i: int) -> None:
+        start.wait()
+        results[i] = pipeline.decoder.decode_latents(plans[i], latents[i])
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert np.array_equal(results[i], expected[i]), f"decode {i} differs from its sequential result"

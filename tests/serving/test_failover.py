@@ -8,11 +8,13 @@ import threading
 import pytest
 from pydantic import ValidationError
 
+from vidgen_serve.config import AppConfig
+from vidgen_serve.plan import build_plan
+from vidgen_serve.request import VideoRequest
 from vidgen_serve.serving.failover import (
     FailoverSettings,
     LatencyFailover,
     SwitchEvent,
-    work_units,
 )
 
 BASE = 0.01  # seconds per work unit
@@ -120,16 +122,39 @@ def test_errors_mix_with_slow_calls():
 # ---- work normalisation --------------------------------------------------------------
 
 
-def test_work_units_counts_steps_tokens_windows_and_cfg():
-    assert work_units(50, 1000) == 50 * 1000 * 2
-    assert work_units(50, 1000, num_windows=3, cfg=False) == 50 * 1000 * 3
-    with pytest.raises(ValueError, match="latent_tokens"):
-        work_units(50, 0)
+def plan_units(**fields) -> float:
+    return build_plan(VideoRequest(prompt="a cat", seed=1, **fields), AppConfig()).work_units
+
+
+def test_work_units_come_from_the_plan_and_count_cfg_passes():
+    base = {"duration": 2, "resolution": "480p", "num_inference_steps": 4}
+    cfg = build_plan(VideoRequest(prompt="a cat", seed=1, guidance_scale=5.0, **base), AppConfig())
+    assert cfg.classifier_free_guidance
+    assert cfg.work_units == 4 * cfg.window_tokens * 2
+    # guidance_scale 1: no unconditional pass, half the transformer work
+    assert plan_units(guidance_scale=1.0, **base) == cfg.work_units / 2
+    assert plan_units(**{**base, "num_inference_steps": 8}) == 2 * cfg.work_units
+    long = build_plan(VideoRequest(prompt="a cat", seed=1, **{**base, "duration": 12}), AppConfig())
+    assert len(long.windows) > 1 and long.work_units == 4 * long.window_tokens * 2
+
+
+def test_guidance_free_calls_do_not_skew_the_baseline():
+    """A mix of CFG and guidance-free calls at the same speed per transformer pass is all healthy:
+    with units from the plan, guidance-free calls do not look twice as fast (pulling the learned
+    baseline down until normal calls breach)."""
+    seconds_per_pass = BASE
+    policy = LatencyFailover(FailoverSettings(learn_calls=4, baseline_ema_alpha=0.0), clock=FakeClock())
+    calls = [{"guidance_scale": 1.0}] * 3 + [{"guidance_scale": 5.0}] * 6
+    for fields in calls:
+        units = plan_units(duration=2, resolution="480p", num_inference_steps=4, **fields)
+        assert policy.record("primary", seconds_per_pass * units, units) is None
+    assert policy.snapshot()["targets"]["primary"]["breaches"] == 0
+    assert policy.active == "primary"
 
 
 def test_big_call_at_the_same_speed_per_unit_is_not_a_breach():
     policy = make_policy()
-    small = work_units(2, 50)  # 200 units
+    small = 200.0
     big = small * 10
     for _ in range(5):
         assert policy.record("primary", BASE * big, big) is None  # 10x work, 10x latency
@@ -139,7 +164,7 @@ def test_big_call_at_the_same_speed_per_unit_is_not_a_breach():
 
 def test_small_call_slower_per_unit_is_a_breach():
     policy = make_policy()
-    small = work_units(2, 50)
+    small = 200.0
     for _ in range(2):
         policy.record("primary", BASE * 1.3 * small, small)
     assert policy.snapshot()["targets"]["primary"]["consecutive_breaches"] == 2
@@ -286,6 +311,132 @@ def test_can_fail_over_again_after_fail_back():
     assert policy.snapshot()["targets"]["primary"]["trips"] == 2
 
 
+# ---- probe baseline: fail-back independent of the traffic's shape --------------------
+
+PROBE_UNITS = 10.0  # a small canary
+PROBE_S = 0.4  # what the canary takes on a healthy target: 0.04 s/unit, 4x the live calls' 0.01
+
+
+def calibrate(policy: LatencyFailover, seconds: float = PROBE_S) -> None:
+    """Send the calibration probes the policy asks for, each answering in `seconds`."""
+    for _ in range(20):
+        probe = policy.next_probe()
+        if probe is None or probe[1] != "calibration":
+            return
+        assert policy.record_probe(seconds, PROBE_UNITS, target=probe[0]) is None
+    raise AssertionError("calibration never finished")
+
+
+def test_start_up_calibrates_both_targets_then_stops():
+    clock = FakeClock()
+    policy = make_policy(clock, probe_learn_calls=3)
+    asked = []
+    for _ in range(6):
+        target, kind = policy.next_probe()
+        assert kind == "calibration"
+        asked.append(target)
+        policy.record_probe(PROBE_S, PROBE_UNITS, target=target)
+    assert sorted(asked) == ["primary"] * 3 + ["standby"] * 3
+    assert policy.next_probe() is None and policy.seconds_until_next_probe() is None
+    for target in ("primary", "standby"):
+        snap = policy.snapshot()["targets"][target]
+        assert snap["probe_baseline_s_per_unit"] == pytest.approx(PROBE_S / PROBE_UNITS)
+        assert snap["probe_baseline_source"] == "learned"
+        # Calibration is not live traffic: neither the live baseline nor the streaks move.
+        assert snap["baseline_s_per_unit"] == BASE and snap["calls"] == 0
+    assert policy.active == "primary" and policy.state == "healthy"
+
+
+def test_failed_calibration_probe_waits_an_interval():
+    clock = FakeClock()
+    policy = make_policy(clock, probe_interval_s=10)
+    policy.record_probe(0.0, PROBE_UNITS, ok=False, target="primary")
+    assert policy.calibration_target() == "standby"  # the other one is still asked at once
+    policy.record_probe(PROBE_S, PROBE_UNITS, target="standby")
+    policy.record_probe(PROBE_S, PROBE_UNITS, target="standby")
+    policy.record_probe(PROBE_S, PROBE_UNITS, target="standby")
+    assert policy.calibration_target() is None
+    assert policy.seconds_until_next_probe() == pytest.approx(10)
+    clock.advance(10)
+    assert policy.next_probe() == ("primary", "calibration")
+
+
+def test_a_degraded_target_is_not_calibrated():
+    policy = make_policy()
+    fail_over(policy)  # before any calibration
+    assert policy.calibration_target() == "standby"  # the serving one, not the slow primary
+    calibrate(policy)
+    snap = policy.snapshot()["targets"]
+    assert snap["primary"]["probe_baseline_source"] == "learning"
+    assert snap["standby"]["probe_baseline_source"] == "learned"
+
+
+def test_fail_back_when_live_traffic_is_bigger_than_the_probe():
+    """The drill that failed: a canary carries 4x the fixed cost per unit of the live
+    traffic. Judged against the live baseline every probe breached and traffic stayed on
+    the standby for good; judged against the probe baseline the primary comes back."""
+    clock = FakeClock()
+    policy = make_policy(clock, probe_interval_s=10, healthy_probes_to_fail_back=3)
+    calibrate(policy)
+    for _ in range(5):
+        assert policy.record("primary", NORMAL, UNITS) is None  # live: 0.01 s/unit
+    fail_over(policy)
+    assert policy.probe_target == "primary"
+    events = []
+    for _ in range(3):
+        clock.advance(10)
+        assert policy.next_probe() == ("primary", "recovery")
+        events.append(policy.record_probe(PROBE_S, PROBE_UNITS))  # the primary is fine again
+    assert events[:2] == [None, None]
+    assert events[2] is not None and events[2].kind == "failback"
+    assert "probe baseline" in events[2].reason
+    assert events[2].baseline_s_per_unit == pytest.approx(PROBE_S / PROBE_UNITS)
+    assert policy.active == "primary" and policy.state == "healthy"
+
+
+def test_slow_recovery_probe_is_judged_against_the_probe_baseline():
+    policy = make_policy(healthy_probes_to_fail_back=2)
+    calibrate(policy)
+    fail_over(policy)
+    policy.record_probe(PROBE_S, PROBE_UNITS)
+    assert policy.record_probe(PROBE_S * 1.5, PROBE_UNITS) is None  # 50% over the canary's normal
+    assert policy.snapshot()["targets"]["primary"]["healthy_streak"] == 0
+    assert policy.record_probe(PROBE_S * 1.2, PROBE_UNITS) is None  # at the limit: healthy
+    event = policy.record_probe(PROBE_S, PROBE_UNITS)
+    assert event is not None and event.kind == "failback"
+
+
+def test_recovery_probe_without_own_probe_baseline_uses_the_other_targets():
+    policy = make_policy(healthy_probes_to_fail_back=1)
+    fail_over(policy)  # the primary was never calibrated
+    calibrate(policy)  # the standby was, while serving
+    assert policy.record_probe(PROBE_S * 2, PROBE_UNITS) is None  # 2x the standby's canary cost
+    event = policy.record_probe(PROBE_S, PROBE_UNITS)
+    assert event is not None and event.kind == "failback"
+    assert "standby's probe baseline" in event.reason
+
+
+def test_probes_are_due_an_interval_after_the_previous_one_started():
+    clock = FakeClock()
+    policy = make_policy(clock, probe_interval_s=10)
+    calibrate(policy)
+    fail_over(policy)
+    assert policy.seconds_until_next_probe() == pytest.approx(10)
+    clock.advance(10)
+    started = clock.now
+    clock.advance(4)  # a slow probe
+    policy.record_probe(PROBE_S, PROBE_UNITS, started_at=started)
+    assert policy.seconds_until_next_probe() == pytest.approx(6)
+    clock.advance(6)
+    assert policy.probe_due()
+
+
+def test_probe_timeout_defaults_to_the_interval():
+    assert FailoverSettings(probe_interval_s=7).effective_probe_timeout_s == 7
+    assert FailoverSettings(probe_interval_s=7, probe_timeout_s=3).effective_probe_timeout_s == 3
+    assert make_policy(probe_interval_s=2).snapshot()["probe"]["timeout_s"] == 2
+
+
 # ---- both degraded -------------------------------------------------------------------
 
 
@@ -420,6 +571,8 @@ def test_defaults_are_the_product_rule():
         ("learn_calls", 0),
         ("baseline_ema_alpha", 1.5),
         ("probe_interval_s", 0),
+        ("probe_timeout_s", 0),
+        ("probe_learn_calls", 0),
         ("healthy_probes_to_fail_back", 0),
         ("history_size", 0),
         ("switch_history_size", 0),

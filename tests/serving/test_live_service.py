@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from http_summary import summaries, summary
 
 from vidgen_serve.net import find_free_port
 
@@ -38,7 +39,8 @@ def drill_config(tmp_path_factory):
         # A wide threshold and a large injected delay keep this test about the switching
         # mechanics, not about the noise of a shared 2-core machine (the policy's own unit
         # tests pin the exact 1.2x rule).
-        failover={"threshold_ratio": 2.0, "consecutive_breaches": 3, "learn_calls": 3, "probe_interval_s": 1,
+        # probe_timeout_s defaults to probe_interval_s.
+        failover={"threshold_ratio": 2.0, "consecutive_breaches": 3, "learn_calls": 3, "probe_interval_s": 2,
                   "healthy_probes_to_fail_back": 2},
         probe_request=copy.deepcopy(REQUEST),
     )
@@ -51,7 +53,13 @@ def drill_config(tmp_path_factory):
              dashboard_port=dashboard_port, log_to_driver=False,
              _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
     try:
-        yield config, f"http://127.0.0.1:{port}", metrics_port, f"http://127.0.0.1:{dashboard_port}"
+        from vidgen_serve.drill import deploy_config, wait_ready
+
+        dashboard = f"http://127.0.0.1:{dashboard_port}"
+        # First deployment: every model loads, which can take minutes on a busy 2-core machine.
+        deploy_config(config, dashboard, timeout_s=600)
+        wait_ready(f"http://127.0.0.1:{port}", timeout_s=300)
+        yield config, f"http://127.0.0.1:{port}", metrics_port, dashboard
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -122,7 +130,7 @@ def test_failing_primary_loses_no_request_and_trips_the_router(drill_config):
     try:
         with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300) as client:
             responses = [client.post(f"{base_url}/v1/video/generate", json=REQUEST) for _ in range(4)]
-        assert [r.status_code for r in responses] == [200] * 4, [r.text[:200] for r in responses]
+        assert [r.status_code for r in responses] == [200] * 4, summaries(responses)
         assert all(r.headers["x-vidgen-denoiser"] == "standby" for r in responses)
         after = httpx.get(f"{base_url}/v1/admin/router", headers=admin, timeout=30).json()
         assert after["active"] == "standby", after
@@ -147,6 +155,90 @@ def test_router_endpoint_needs_an_admin_key(drill_config):
     assert body["enabled"] is True and body["active"] in ("primary", "standby")
     assert {"targets", "switches", "state"} <= set(body)
     assert len(body["switches"]) >= 3  # failover, failback, failover, from the tests above
+
+
+# Live traffic much bigger than the probe (REQUEST): its fixed cost per unit of work is far lower.
+BIG = {"prompt": "a harbour at night", "duration": 5, "resolution": "480p", "aspect": "1:1", "fps": 15,
+       "num_inference_steps": 16, "seed": 3}
+
+
+def test_fail_back_with_traffic_bigger_than_the_probe_and_a_hung_primary(drill_config):
+    """Defects 1 and 3 of issue 8 on the live service.
+
+    Live traffic of another size than the probe learns the live baseline; the primary fails
+    (errors trip the router), then hangs (probes must time out, not stall the probe loop),
+    then heals: the router fails back within probe_interval_s x (healthy_probes_to_fail_back
+    + 1) and the next call goes to the primary, because probes are judged against the probe's
+    own cost on a healthy target, not against the live traffic's."""
+    import time
+
+    import httpx
+
+    from vidgen_serve.drill import deploy_config, with_faults
+
+    config, base_url, _, dashboard = drill_config
+    policy = config["applications"][0]["args"]["failover"]
+    interval, healthy = policy["probe_interval_s"], policy["healthy_probes_to_fail_back"]
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    client = httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300, trust_env=False)
+
+    def router() -> dict:
+        return httpx.get(f"{base_url}/v1/admin/router", headers=admin, timeout=30, trust_env=False).json()
+
+    def wait_router(what: str, ok, timeout_s: float = 120) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while not ok(state := router()):
+            assert time.monotonic() < deadline, f"router never {what}: {state}"
+            time.sleep(0.2)
+        return state
+
+    def call() -> tuple[str | None, float, float]:
+        t0 = time.monotonic()
+        r = client.post(f"{base_url}/v1/video/generate", json=BIG)
+        assert r.status_code == 200, summary(r)
+        return r.headers["x-vidgen-denoiser"], t0, time.monotonic() - t0
+
+    # A fresh router (a changed actor option restarts that deployment only): its baselines are
+    # learned below, not from the probe-sized traffic of the tests above.
+    fresh = copy.deepcopy(config)
+    (app,) = fresh["applications"]
+    next(d for d in app["deployments"] if d["name"] == "FailoverRouter")["ray_actor_options"]["num_cpus"] = 0.01
+    deploy_config(fresh, dashboard)
+    try:
+        # Calibration probes at start-up give both targets a probe baseline.
+        wait_router("calibrated both targets", lambda s: not s["switches"] and all(
+            s["targets"][t]["probe_baseline_source"] == "learned" for t in ("primary", "standby")))
+        for _ in range(3):  # learn_calls healthy live calls
+            assert call()[0] == "primary"
+        primary = router()["targets"]["primary"]
+        assert primary["baseline_source"] == "learned", primary
+        # The drill's situation: judged against the live baseline, every healthy probe would breach.
+        assert primary["probe_baseline_s_per_unit"] > policy["threshold_ratio"] * primary["baseline_s_per_unit"], \
+            primary
+
+        deploy_config(with_faults(fresh, "Denoiser", error_rate=1.0), dashboard)
+        served = [call()[0] for _ in range(3)]  # each fails on the primary and is retried on the standby
+        assert served == ["standby"] * 3
+        wait_router("failed over", lambda s: s["active"] == "standby", timeout_s=10)
+
+        # A hung primary: every probe times out (a failed probe) and the next one still comes.
+        deploy_config(with_faults(fresh, "Denoiser", extra_latency_s=600), dashboard)
+        errors = router()["targets"]["primary"]["probe_errors"]
+        wait_router("timed out two probes", lambda s: s["targets"]["primary"]["probe_errors"] >= errors + 2,
+                    timeout_s=6 * interval + 30)
+
+        deploy_config(fresh, dashboard)  # healed
+        healed = time.monotonic()
+        state = wait_router("failed back", lambda s: s["active"] == "primary", timeout_s=120)
+        failback = state["switches"][-1]
+        assert failback["kind"] == "failback" and "probe baseline" in failback["reason"], failback
+        # The router's clock is this host's monotonic clock too. No live traffic meanwhile: on
+        # this 2-core machine it would slow the primary's probes down by sharing its cores.
+        assert failback["time"] - healed <= interval * (healthy + 1), (failback, healed, state["targets"]["primary"])
+        assert call()[0] == "primary"  # ... plus one call
+    finally:
+        deploy_config(fresh, dashboard)
+        client.close()
 
 
 def test_locust_load_run_against_the_service(drill_config, tmp_path):

@@ -270,9 +270,7 @@ class ParallelDenoiser:
                     worker_cls.options(**options).remote(rank, self.world_size, config, self.checkpoint)
                 )
             master_addr, master_port = self._call_ranks("rendezvous", [0], timeout=setup_timeout_s)[0]
-            self.master = (master_addr, master_port)
-            self.infos = self._call_all("setup", master_addr, master_port, setup_timeout_s,
-                                        timeout=setup_timeout_s)
+            self._call_all("setup", master_addr, master_port, setup_timeout_s, timeout=setup_timeout_s)
             self._broken = None
         except BaseException:
             self.close()
@@ -357,8 +355,8 @@ class ParallelDenoiser:
                 ray.get(ref, timeout=2.0)
             except RayActorError:
                 dead.append(r)
-            except (GetTimeoutError, Exception):  # noqa: BLE001
-                pass
+            except (GetTimeoutError, Exception) as exc:  # noqa: BLE001 - alive, only slow or failing
+                logger.debug("rank %d: no answer to its ping yet (%r)", r, exc)
         return dead
 
     def _mark_broken(self, message: str) -> None:
@@ -373,8 +371,8 @@ class ParallelDenoiser:
             for w in self.workers:
                 try:
                     w.release.remote(run_id)
-                except Exception:  # noqa: BLE001
-                    pass
+                except Exception as exc:  # noqa: BLE001
+                    logger.debug("releasing run %s on a rank failed: %r", run_id, exc)
 
     # -- the Denoiser interface ----------------------------------------------------------------
 
@@ -444,13 +442,13 @@ class ParallelDenoiser:
             # Leave the process group cleanly where possible (a broken one may hang in it).
             try:
                 ray.wait([w.shutdown.remote() for w in workers], num_returns=len(workers), timeout=min(5.0, timeout_s))
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("ranks did not shut down cleanly: %r", exc)
         for w in workers:
             try:
                 ray.kill(w, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("killing a rank failed: %r", exc)
         # Wait for the kills to land: a call on a killed actor fails with RayActorError.
         deadline = time.monotonic() + timeout_s
         for w in workers:
@@ -465,8 +463,8 @@ class ParallelDenoiser:
         if self._owns_pg and self._pg is not None:
             try:
                 ray.util.remove_placement_group(self._pg)
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("removing the placement group failed: %r", exc)
         self._pg = None
 
     def __enter__(self) -> "ParallelDenoiser":

@@ -7,6 +7,8 @@ its part of the transformer and runs the same denoising calls as every other ran
 
 from __future__ import annotations
 
+import logging
+
 from collections import OrderedDict
 from typing import Any
 
@@ -16,6 +18,8 @@ from ..config import AppConfig
 from ..plan import GenerationPlan
 
 __all__ = ["ParallelWorker", "TensorParallelWorker"]
+
+logger = logging.getLogger(__name__)
 
 
 class ParallelWorker:
@@ -173,8 +177,8 @@ class ParallelWorker:
         try:
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - best effort; the actor is killed next anyway
-            pass
+        except Exception as exc:  # noqa: BLE001 - best effort; the actor is killed next anyway
+            logger.debug("rank %d: leaving the process group failed: %r", self.rank, exc)
 
 
 #: The name from before the group carried Ulysses and CFG layouts.

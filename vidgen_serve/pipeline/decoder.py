@@ -7,6 +7,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,22 +37,44 @@ class Decoder:
         cfg = self.vae.config
         self._latents_mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
         self._latents_std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
+        # The Wan VAE keeps its causal feature cache on the module (`_feat_map`), so two
+        # decodes at once in one replica would overwrite each other's cache: one at a time.
+        self._vae_lock = threading.Lock()
 
     @torch.inference_mode()
-    def decode_latents(self, plan: GenerationPlan, latents: torch.Tensor) -> np.ndarray:
-        """Latents -> native frames (num_frames, H, W, 3) uint8, as `WanPipeline` decodes them."""
+    def decode_latents(self, plan: GenerationPlan, latents: torch.Tensor,
+                       progress: Callable[[float], None] | None = None) -> np.ndarray:
+        """Latents -> native frames (num_frames, H, W, 3) uint8, as `WanPipeline` decodes them.
+
+        `progress`, if given, is called with the fraction of latent frames decoded (0..1).
+        """
         expected = (plan.latent_frames, plan.latent_height, plan.latent_width)
         if tuple(latents.shape[2:]) != expected:
             raise ValueError(f"latents shape {tuple(latents.shape)} does not match the plan's {expected}")
         dtype = self.vae.dtype
         latents = latents.to(self.device, dtype)
         latents = latents * self._latents_std.to(latents) + self._latents_mean.to(latents)
-        # On CPU, oneDNN JIT-compiles conv3d kernels per input shape, and the VAE's causal
-        # cache feeds it many shapes: the native kernels are ~10x faster here.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # flags() warns about TF32 on Intel GPUs
-            with torch.backends.mkldnn.flags(enabled=self.device.type != "cpu"):
-                video = self.vae.decode(latents, return_dict=False)[0]
+        with self._vae_lock:
+            hook = None
+            if progress is not None:
+                # The Wan VAE runs its decoder once per latent frame (causal, frame by frame).
+                done = [0]
+
+                def frame_decoded(*_args) -> None:
+                    done[0] += 1
+                    progress(min(1.0, done[0] / plan.latent_frames))
+
+                hook = self.vae.decoder.register_forward_hook(frame_decoded)
+            try:
+                # On CPU, oneDNN JIT-compiles conv3d kernels per input shape, and the VAE's causal
+                # cache feeds it many shapes: the native kernels are ~10x faster here.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # flags() warns about TF32 on Intel GPUs
+                    with torch.backends.mkldnn.flags(enabled=self.device.type != "cpu"):
+                        video = self.vae.decode(latents, return_dict=False)[0]
+            finally:
+                if hook is not None:
+                    hook.remove()
         frames = self.video_processor.postprocess_video(video, output_type="np")[0]  # (F, H, W, 3) in [0, 1]
         return np.round(frames * 255.0).clip(0, 255).astype(np.uint8)
 
@@ -73,13 +96,25 @@ class Decoder:
         return encode_mp4(frames, self.encode_settings(plan), output_path, cancel)
 
     def decode(self, plan: GenerationPlan, latents: torch.Tensor, output_path: str | os.PathLike,
-               cancel: threading.Event | None = None) -> dict[str, float]:
+               cancel: threading.Event | None = None,
+               progress: Callable[[dict], None] | None = None) -> dict[str, float]:
         """Latents -> MP4 at `output_path`. Returns per-step seconds {"vae_decode", "encode"}.
 
-        `cancel`, when set, stops the encode (raises `GenerationCancelled`).
+        Args:
+            cancel: when set, stops the encode (raises `GenerationCancelled`).
+            progress: called with {"phase": "vae_decode" | "encode", "fraction": 0..1} as
+                the phases advance (per latent frame while VAE decoding; at the start and
+                the end of the encode).
         """
+        def report(phase: str, fraction: float) -> None:
+            if progress is not None:
+                progress({"phase": phase, "fraction": round(fraction, 4)})
+
         t0 = time.perf_counter()
-        frames = self.decode_latents(plan, latents)
+        report("vae_decode", 0.0)
+        frames = self.decode_latents(plan, latents, progress=lambda f: report("vae_decode", f))
         t1 = time.perf_counter()
+        report("encode", 0.0)
         self.write_mp4(plan, frames, output_path, cancel)
+        report("encode", 1.0)
         return {"vae_decode": t1 - t0, "encode": time.perf_counter() - t1}

@@ -52,7 +52,13 @@ class TextEncoder:
         )
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = self.profile.text_cache_size
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache
+        # The fast tokenizer keeps its truncation/padding settings on one shared Rust object
+        # and each call re-sets them: concurrent calls with different settings (counting:
+        # none; encoding: pad to max_sequence_length) corrupt each other or fail with
+        # "Already borrowed". Serve runs these methods on a thread pool, so every use of the
+        # tokenizer (and the encoder forward that follows it) takes this lock.
+        self._tokenizer_lock = threading.Lock()
         self.max_sequence_length = self.profile.max_sequence_length
 
     def count_tokens(self, text: str) -> int:
@@ -63,7 +69,9 @@ class TextEncoder:
         """
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-        return len(self.tokenizer(prompt_clean(text), add_special_tokens=True)["input_ids"])
+        cleaned = prompt_clean(text)
+        with self._tokenizer_lock:
+            return len(self.tokenizer(cleaned, add_special_tokens=True)["input_ids"])
 
     def _encode_text(self, text: str) -> tuple[torch.Tensor, bool]:
         with self._lock:
@@ -71,7 +79,7 @@ class TextEncoder:
             if cached is not None:
                 self._cache.move_to_end(text)
                 return cached, True
-        with torch.inference_mode():
+        with self._tokenizer_lock, torch.inference_mode():
             embeds = self._pipe._get_t5_prompt_embeds(
                 prompt=text, max_sequence_length=self.max_sequence_length, device=self.device
             )
@@ -87,12 +95,13 @@ class TextEncoder:
         """Embeddings for every prompt of the plan and, with guidance, its negative prompt."""
         hits = misses = 0
         rows = []
-        texts = list(plan.prompts) + ([plan.negative_prompt] if plan.guidance_scale > 1.0 else [])
+        guided = plan.classifier_free_guidance
+        texts = list(plan.prompts) + ([plan.negative_prompt] if guided else [])
         for text in texts:
             embeds, hit = self._encode_text(text)
             hits += hit
             misses += not hit
             rows.append(embeds)
         positive = torch.cat(rows[: len(plan.prompts)], dim=0)
-        negative = rows[len(plan.prompts)] if plan.guidance_scale > 1.0 else None
+        negative = rows[len(plan.prompts)] if guided else None
         return PromptEmbeddings(positive, negative, cache_hits=hits, cache_misses=misses)

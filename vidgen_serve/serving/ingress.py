@@ -17,16 +17,18 @@ from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from ray import serve
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..config import ModelProfile
 from ..errors import GenerationCancelled, InvalidRequest, VidgenError, error_body, field_error
 from ..plan import GenerationPlan, build_plan
-from ..request import VideoRequest, parse_request, request_schema
+from ..request import VideoRequest, not_yet_applied, parse_request, request_schema
 from .auth import ApiKeys
 from .jobs import CANCELLED, FAILED, FINAL_STATES, QUEUED, SUCCEEDED, LocalArtifactStore, SQLiteJobStore
+from .progress import GenerationProgress, StageShares
+from .readiness import ReadinessCheck, serve_deployments
 from .settings import ServeSettings
 from .telemetry import carrier_for_current_span, configure_tracing, tracer
 
@@ -34,6 +36,7 @@ logger = logging.getLogger("vidgen_serve.ingress")
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 DEADLINE_HEADER = "X-Vidgen-Timeout"
+WARNINGS_HEADER = "X-Vidgen-Warnings"
 STAGE_ORDER = ("text_encode", "denoise", "vae_decode", "encode")
 
 app = FastAPI(
@@ -45,12 +48,15 @@ app = FastAPI(
 
 def _openapi() -> dict[str, Any]:
     # Request bodies are read by hand (size limit, one error shape), so the OpenAPI
-    # document gets the request models added explicitly.
+    # document gets the request models added explicitly, bounded by the active profile
+    # (`app.state.profile`, set by the replica; Serve serves a frozen copy of `app` whose
+    # `openapi` is this function, so the module's `app` is where replica state reaches it).
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    models = VideoRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    profile: ModelProfile | None = getattr(app.state, "profile", None)
+    models = dict(request_schema(profile, ref_template="#/components/schemas/{model}"))
     components.update(models.pop("$defs", {}))
     components["VideoRequest"] = models
     app.openapi_schema = schema
@@ -96,12 +102,6 @@ async def _vidgen_error(request: Request, exc: VidgenError) -> JSONResponse:
     return _error_response(exc, request)
 
 
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    details = [field_error(".".join(str(p) for p in e["loc"]), e.get("input"), e["msg"]) for e in exc.errors()]
-    return _error_response(InvalidRequest(details), request)
-
-
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -123,20 +123,22 @@ def server_timing(timings: dict[str, float], extra: dict[str, str] | None = None
     return ", ".join(parts)
 
 
-def _map_stage_error(stage: str, exc: BaseException) -> VidgenError:
-    """Downstream failures as client-safe errors (the full error is logged)."""
+def _map_stage_error(stage: str, exc: BaseException, retry_after_s: int) -> VidgenError:
+    """Downstream failures as client-safe errors (the full error is logged); 503s say when to retry."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+    retry = {"Retry-After": str(retry_after_s)}
     if isinstance(exc, VidgenError):
         # Raised in a replica, it arrives as RayTaskError(VidgenError): answer with the original.
         cause = getattr(exc, "cause", None)
         return cause if isinstance(cause, VidgenError) else exc
     if isinstance(exc, BackPressureError):
-        return VidgenError(503, f"the {stage} stage is at capacity; retry later", code="overloaded")
+        return VidgenError(503, f"the {stage} stage is at capacity; retry later", code="overloaded", headers=retry)
     if isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)):
         logger.error("%s stage replica failed: %s", stage, exc)
-        return VidgenError(503, f"the {stage} stage failed (its replica stopped); retry", code="stage_unavailable")
+        return VidgenError(503, f"the {stage} stage failed (its replica stopped); retry", code="stage_unavailable",
+                           headers=retry)
     logger.error("%s stage error: %r", stage, exc)
     return VidgenError(500, f"the {stage} stage failed", code="stage_error")
 
@@ -168,6 +170,10 @@ class Ingress:
         self.artifacts = LocalArtifactStore(settings.artifacts_path)
         self.owner = uuid.uuid4().hex
         self._inflight_sync = 0
+        self._stage_shares = StageShares()
+        self._readiness: ReadinessCheck | None = None
+        app.state.profile = self.config.model_profile
+        app.openapi_schema = None  # rebuilt for this replica's profile
         self._job_tasks: dict[str, asyncio.Task] = {}
         self._worker: asyncio.Task | None = None
         self._metrics = _IngressMetrics()
@@ -211,7 +217,7 @@ class Ingress:
     def _plan(self, body: Any) -> tuple[VideoRequest, GenerationPlan]:
         if not isinstance(body, dict):
             raise InvalidRequest([field_error("body", None, "must be a JSON object", "VideoRequest")])
-        request = parse_request(body)
+        request = parse_request(body, self.config.model_profile)
         return request, build_plan(request, self.config)
 
     def _deadline(self, request: Request) -> float:
@@ -243,7 +249,7 @@ class Ingress:
         except (asyncio.CancelledError, GenerationCancelled):
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to a client-safe error
-            raise _map_stage_error(stage, exc) from exc
+            raise _map_stage_error(stage, exc, self.settings.retry_after_s) from exc
 
     async def _choose_denoiser(self) -> str:
         if self.router is None or self.denoisers.get("standby") is None:
@@ -258,7 +264,7 @@ class Ingress:
         if self.router is None:
             return
         try:
-            await self.router.record.remote(target, seconds, plan.num_inference_steps, plan.window_tokens, ok)
+            await self.router.record.remote(target, seconds, plan.work_units, ok)
         except Exception as exc:
             logger.warning("could not report to the failover router: %r", exc)
 
@@ -297,7 +303,7 @@ class Ingress:
             outcome = "cancelled"  # not the denoiser's fault: not reported to the router
             raise
         except Exception as exc:  # noqa: BLE001
-            raise _map_stage_error("denoise", exc) from exc
+            raise _map_stage_error("denoise", exc, self.settings.retry_after_s) from exc
         finally:
             if outcome != "ok":
                 gen.cancel()  # stops the replica's loop at its next step boundary
@@ -322,11 +328,35 @@ class Ingress:
             timings.update(denoise_timings)
             if on_stage:
                 on_stage("decode")
-            mp4, decode_timings = await self._call("decode", self.decoder.decode.remote(plan, latents, carrier))
+            mp4, decode_timings = await self._decode(plan, latents, carrier, on_progress)
             timings.update(decode_timings)
         timings["total"] = time.perf_counter() - t0
+        self._stage_shares.observe(timings)
         info = {"denoiser": target, "text_cache": "hit" if embeddings.cache_misses == 0 else "miss"}
         return mp4, timings, info
+
+    async def _decode(self, plan: GenerationPlan, latents: Any, carrier: dict,
+                      on_progress: Callable[[dict], None] | None) -> tuple[bytes, dict[str, float]]:
+        """Decode on the Decoder deployment, passing its phase progress on."""
+        gen = self.decoder.options(stream=True).decode.remote(plan, latents, carrier)
+        mp4, timings = None, {}
+        try:
+            async for item in gen:
+                if "progress" in item:
+                    if on_progress is not None:
+                        on_progress(item["progress"])
+                else:
+                    mp4, timings = item["mp4"], item["timings"]
+        except (asyncio.CancelledError, GenerationCancelled):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _map_stage_error("decode", exc, self.settings.retry_after_s) from exc
+        finally:
+            if mp4 is None:
+                gen.cancel()  # stops ffmpeg instead of finishing a video nobody will receive
+        if mp4 is None:
+            raise VidgenError(500, "the decode stage returned no video", code="stage_error")
+        return mp4, timings
 
     # ---- sync generation ----------------------------------------------------------------
 
@@ -336,13 +366,17 @@ class Ingress:
         """Generate a video and return it as the response body (video/mp4)."""
         self._ensure_worker()
         key = self._auth(request)
-        _, plan = self._plan(await self._json_body(request))
+        # Capacity first, before anything that awaits: a request over capacity is refused
+        # at once, not after its body has been read (a round trip to the HTTP proxy, which
+        # is busy relaying the accepted requests) and planned. The slot is taken in the same
+        # step, so concurrent requests cannot all pass the check before any of them counts.
         if self._inflight_sync >= self.settings.max_inflight_sync:
             raise self._overloaded("concurrent generations")
-        deadline_s = self._deadline(request)
         self._inflight_sync += 1
         status = "error"
         try:
+            video_request, plan = self._plan(await self._json_body(request))
+            deadline_s = self._deadline(request)
             with tracer().start_as_current_span("POST /v1/video/generate") as span:
                 span.set_attribute("request_id", _request_id(request))
                 span.set_attribute("key_id", key)
@@ -363,6 +397,7 @@ class Ingress:
             "X-Vidgen-Denoiser": info["denoiser"],
             "X-Vidgen-Seed": str(plan.seed),
             "Content-Disposition": 'inline; filename="video.mp4"',
+            **_warnings_header(not_yet_applied(video_request)),
         }
         return Response(mp4, media_type="video/mp4", headers=headers)
 
@@ -403,15 +438,20 @@ class Ingress:
     async def _run_job(self, job_id: str) -> None:
         job = self.store.get(job_id)
         plan = GenerationPlan.model_validate(job.plan)
+        progress = GenerationProgress(self._stage_shares.shares)
+        stage_now = ["text_encode"]
 
         def on_stage(stage: str) -> None:
-            self.store.update(job_id, stage=stage)
+            stage_now[0] = stage
+            self.store.update(job_id, stage=stage, progress=progress.update(stage))
 
         def on_progress(event: dict) -> None:
             current = self.store.get(job_id)
             if current is not None and current.cancel_requested:
-                raise GenerationCancelled(f"cancelled at step {event['step']}/{event['steps']}")
-            self.store.update(job_id, progress=event)
+                where = (f"step {event['step']}/{event['steps']}" if "step" in event
+                         else f"the {event.get('phase', 'decode')} phase")
+                raise GenerationCancelled(f"cancelled at {where}")
+            self.store.update(job_id, progress=progress.update(stage_now[0], event))
 
         try:
             mp4, timings, info = await asyncio.wait_for(
@@ -419,7 +459,8 @@ class Ingress:
                 timeout=self.settings.request_timeout_s,
             )
             self.artifacts.put(job_id, mp4)
-            self.store.update(job_id, state=SUCCEEDED, stage=None, timings=timings, error=None)
+            self.store.update(job_id, state=SUCCEEDED, stage=None, timings=timings, error=None,
+                              progress=progress.finished())
             self._metrics.requests.inc(tags={"endpoint": "jobs", "status": "ok"})
         except (asyncio.CancelledError, GenerationCancelled):
             current = self.store.get(job_id)
@@ -441,7 +482,8 @@ class Ingress:
             self._metrics.requests.inc(tags={"endpoint": "jobs", "status": "500"})
 
     def _submit(self, request: VideoRequest, plan: GenerationPlan, key: str) -> dict[str, Any]:
-        job = self.store.create(request.model_dump(mode="json"), plan.model_dump(mode="json"), key)
+        job = self.store.create(request.model_dump(mode="json"), plan.model_dump(mode="json"), key,
+                                warnings=not_yet_applied(request))
         return job.public()
 
     def _queued_room(self, wanted: int) -> None:
@@ -456,7 +498,8 @@ class Ingress:
         video_request, plan = self._plan(await self._json_body(request))
         self._queued_room(1)
         job = self._submit(video_request, plan, key)
-        return JSONResponse(job, status_code=202, headers={"Location": f"/v1/video/jobs/{job['job_id']}"})
+        return JSONResponse(job, status_code=202, headers={"Location": f"/v1/video/jobs/{job['job_id']}",
+                                                           **_warnings_header(job["warnings"])})
 
     @app.post("/v1/video/batch", status_code=202, openapi_extra=BATCH_DOC)
     async def submit_batch(self, request: Request) -> JSONResponse:
@@ -480,7 +523,8 @@ class Ingress:
             raise InvalidRequest(errors)
         self._queued_room(len(planned))
         jobs = [self._submit(r, p, key) for r, p in planned]
-        return JSONResponse({"jobs": jobs}, status_code=202)
+        warned = [f"requests.{i}.{w}" for i, job in enumerate(jobs) for w in job["warnings"]]
+        return JSONResponse({"jobs": jobs}, status_code=202, headers=_warnings_header(warned))
 
     def _own_job(self, request: Request, job_id: str):
         key = self._auth(request)
@@ -497,8 +541,12 @@ class Ingress:
     @app.get("/v1/video/jobs/{job_id}/content", response_class=FileResponse,
              responses={200: {"content": {"video/mp4": {}}}, 206: {"description": "Partial content (Range)."}})
     async def job_content(self, request: Request, job_id: str) -> FileResponse:
-        """The finished MP4 (404 until the job has succeeded). Supports HTTP Range."""
+        """The finished MP4 (404 until the job has succeeded, 410 if it never will). Supports HTTP Range."""
         job = self._own_job(request, job_id)
+        if job.state in (CANCELLED, FAILED):
+            why = "was cancelled" if job.state == CANCELLED else f"failed ({job.error})"
+            raise VidgenError(410, f"job {job_id} {why}: it has no content and never will; submit it again",
+                              code=f"job_{job.state}")
         if job.state != SUCCEEDED or not self.artifacts.exists(job.id):
             raise VidgenError(404, f"job {job_id} has no content yet (state: {job.state})", code="not_ready")
         return FileResponse(self.artifacts.path(job.id), media_type="video/mp4", filename=f"{job.id}.mp4",
@@ -553,7 +601,7 @@ class Ingress:
         """The request JSON Schema, plus what this deployment's profile allows."""
         profile = self.config.model_profile
         return {
-            "request": request_schema(),
+            "request": request_schema(profile),
             "styles": sorted(self.config.styles),
             "profile": {
                 "name": profile.name,
@@ -573,12 +621,12 @@ class Ingress:
 
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        """Readiness: every deployment of this application is healthy."""
-        try:
+        """Readiness: every deployment of this application has a running replica (see `serving.readiness`)."""
+        if self._readiness is None:
             app_name = serve.get_replica_context().app_name
-            status = serve.status().applications[app_name]
-            deployments = {name: d.status for name, d in status.deployments.items()}
-            ready = all(s == "HEALTHY" for s in deployments.values())
+            self._readiness = ReadinessCheck(lambda: serve_deployments(app_name))
+        try:
+            ready, deployments = await self._readiness.check()
         except Exception as exc:  # noqa: BLE001 - report, don't raise
             return JSONResponse({"status": "unknown", "error": repr(exc)}, status_code=503)
         return JSONResponse({"status": "ready" if ready else "not_ready", "deployments": deployments},
@@ -591,6 +639,14 @@ class Ingress:
         if self.router is None:
             return {"enabled": False, "active": "primary"}
         return {"enabled": True, **(await self.router.snapshot.remote())}
+
+
+def _warnings_header(warnings: list[str]) -> dict[str, str]:
+    """``{X-Vidgen-Warnings: "..."}`` when there are warnings (HTTP headers are one line of latin-1)."""
+    if not warnings:
+        return {}
+    text = "; ".join(w.replace("\n", " ") for w in warnings)
+    return {WARNINGS_HEADER: text.encode("latin-1", "replace").decode("latin-1")}
 
 
 class _IngressMetrics:

@@ -46,6 +46,7 @@ class Job:
     heartbeat_at: float | None = None
     attempts: int = 0
     cancel_requested: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     def public(self) -> dict[str, Any]:
         """The job as `GET /v1/video/jobs/{id}` shows it."""
@@ -60,6 +61,7 @@ class Job:
             "updated_at": self.updated_at,
             "attempts": self.attempts,
             "seed": self.plan.get("seed"),
+            "warnings": self.warnings,
         }
 
 
@@ -67,7 +69,8 @@ class JobStore(ABC):
     """Where job records live. All methods are safe to call from several threads."""
 
     @abstractmethod
-    def create(self, request: dict[str, Any], plan: dict[str, Any], key_id: str) -> Job: ...
+    def create(self, request: dict[str, Any], plan: dict[str, Any], key_id: str,
+               warnings: list[str] | None = None) -> Job: ...
 
     @abstractmethod
     def get(self, job_id: str) -> Job | None: ...
@@ -97,8 +100,8 @@ class JobStore(ABC):
 
 
 _COLUMNS = ("id", "state", "request", "plan", "key_id", "stage", "progress", "timings", "error", "created_at",
-            "updated_at", "owner", "heartbeat_at", "attempts", "cancel_requested")
-_JSON = {"request", "plan", "progress", "timings"}
+            "updated_at", "owner", "heartbeat_at", "attempts", "cancel_requested", "warnings")
+_JSON = {"request", "plan", "progress", "timings", "warnings"}
 
 
 class SQLiteJobStore(JobStore):
@@ -115,8 +118,17 @@ class SQLiteJobStore(JobStore):
                 id TEXT PRIMARY KEY, state TEXT NOT NULL, request TEXT NOT NULL, plan TEXT NOT NULL,
                 key_id TEXT NOT NULL, stage TEXT, progress TEXT NOT NULL, timings TEXT NOT NULL, error TEXT,
                 created_at REAL NOT NULL, updated_at REAL NOT NULL, owner TEXT, heartbeat_at REAL,
-                attempts INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0)"""
+                attempts INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0,
+                warnings TEXT NOT NULL DEFAULT '[]')"""
         )
+        # Databases created before the `warnings` column get it (existing jobs: none).
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+        if "warnings" not in columns:
+            try:
+                self._conn.execute("ALTER TABLE jobs ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'")
+            except sqlite3.OperationalError as exc:  # another replica added it first
+                if "duplicate column" not in str(exc):
+                    raise
         self._conn.execute("CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at)")
 
     def _row(self, row: tuple) -> Job:
@@ -131,10 +143,11 @@ class SQLiteJobStore(JobStore):
             rows = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE {where}", args).fetchall()
         return [self._row(r) for r in rows]
 
-    def create(self, request: dict[str, Any], plan: dict[str, Any], key_id: str) -> Job:
+    def create(self, request: dict[str, Any], plan: dict[str, Any], key_id: str,
+               warnings: list[str] | None = None) -> Job:
         now = time.time()
         job = Job(id=uuid.uuid4().hex, state=QUEUED, request=request, plan=plan, key_id=key_id,
-                  stage="queued", created_at=now, updated_at=now)
+                  stage="queued", created_at=now, updated_at=now, warnings=list(warnings or []))
         values = [json.dumps(getattr(job, c)) if c in _JSON else getattr(job, c) for c in _COLUMNS]
         with self._lock:
             self._conn.execute(

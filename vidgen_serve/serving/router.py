@@ -1,9 +1,13 @@
 """The failover router deployment: one place that holds the latency policy's state.
 
 Ingress replicas ask it which denoiser to use (`choose`) and report each denoise call's
-latency and work (`record`). While failed over it probes the idle target with a small
-canary generation every `probe_interval_s`. Every switch raises an alert: a structured
-WARNING log, a Prometheus counter and the active-target gauge, and a span event.
+latency and work (`record`). It sends the policy's probes with a small canary generation
+(`probe_request`): calibration probes from start-up, so each target's probe baseline is
+known before anything fails, and recovery probes of the idle target every
+`probe_interval_s` while failed over. A probe that outlives its timeout is cancelled and
+counts as failed, so a hung target cannot stall the probe loop. Every switch raises an
+alert: a structured WARNING log, a Prometheus counter and the active-target gauge, and a
+span event.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 from ..plan import build_plan
 from ..request import VideoRequest
-from .failover import TARGETS, LatencyFailover, SwitchEvent, work_units
+from .failover import TARGETS, LatencyFailover, SwitchEvent
 from .settings import ServeSettings
 from .telemetry import configure_tracing, tracer
 
@@ -74,13 +78,19 @@ class FailoverRouter:
         self._ensure_prober()
         return self.policy.active
 
-    async def record(self, target: str, latency_s: float, steps: int, tokens: int, ok: bool) -> None:
-        """One finished denoise call: its latency, its work and whether it succeeded."""
-        self._alert(self.policy.record(target, latency_s, work_units(steps, tokens), ok=ok))
+    async def record(self, target: str, latency_s: float, units: float, ok: bool) -> None:
+        """One finished denoise call: its latency, its work (`GenerationPlan.work_units`), whether it succeeded."""
+        self._alert(self.policy.record(target, latency_s, units, ok=ok))
 
     async def snapshot(self) -> dict[str, Any]:
         """State for operators (GET /v1/admin/router)."""
+        self._ensure_prober()
         return self.policy.snapshot()
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check; also starts the probe loop, so calibration
+        begins at start-up rather than with the first request."""
+        self._ensure_prober()
 
     def _ensure_prober(self) -> None:
         if self._probe_task is None or self._probe_task.done():
@@ -88,18 +98,31 @@ class FailoverRouter:
 
     async def _probe_loop(self) -> None:
         while True:
-            await asyncio.sleep(0.5)
-            target = self.policy.probe_target
-            if target is None or not self.policy.probe_due():
+            wait = self.policy.seconds_until_next_probe()
+            # Capped: a switch can make a probe due sooner than the policy last said.
+            await asyncio.sleep(min(wait, 0.5) if wait is not None else 0.5)
+            probe = self.policy.next_probe()
+            if probe is None:
                 continue
-            try:
-                latency, ok = await self._probe(target)
-            except Exception as exc:  # noqa: BLE001 - a failed probe is a data point, not a crash
-                logger.warning("probe of the %s denoiser failed: %r", target, exc)
-                latency, ok = 0.0, False
-            plan = self.canary_plan
-            self._alert(self.policy.record_probe(latency, work_units(plan.num_inference_steps, plan.window_tokens),
-                                                 ok=ok, target=target))
+            target, kind = probe
+            started_at = time.monotonic()  # the policy's clock
+            latency, ok = await self._timed_probe(target, kind)
+            self._alert(self.policy.record_probe(latency, self.canary_plan.work_units, ok=ok, target=target,
+                                                 started_at=started_at))
+
+    async def _timed_probe(self, target: str, kind: str) -> tuple[float, bool]:
+        """(seconds, ok) of one canary generation on `target`; a timeout or an error is not ok."""
+        timeout = self.policy.settings.effective_probe_timeout_s
+        try:
+            return await asyncio.wait_for(self._probe(target), timeout=timeout)
+        except asyncio.TimeoutError:
+            why = f"timed out after {timeout:g}s"
+        except Exception as exc:  # noqa: BLE001 - a failed probe is a data point, not a crash
+            why = f"failed: {exc!r}"
+        # A calibration probe fails while the application is still starting: it is retried.
+        logger.log(logging.WARNING if kind == "recovery" else logging.INFO, "%s probe of the %s denoiser %s "
+                   "(counts as a failed probe)", kind, target, why)
+        return 0.0, False
 
     async def _probe(self, target: str) -> tuple[float, bool]:
         if self._canary_embeddings is None:
@@ -109,8 +132,10 @@ class FailoverRouter:
         gen = self.denoisers[target].options(stream=True).denoise.remote(self.canary_plan, self._canary_embeddings,
                                                                          None)
         got_latents = False
-        async for item in gen:
-            got_latents = got_latents or "latents" in item
+        try:
+            async for item in gen:
+                got_latents = got_latents or "latents" in item
+        finally:
+            if not got_latents:
+                gen.cancel()  # timed out or failed: stop the replica's work at its next step boundary
         return time.perf_counter() - t0, got_latents
-
-

@@ -11,14 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any, AsyncIterator, Callable
 
 from ..config import AppConfig
 from ..errors import VidgenError
@@ -27,6 +24,7 @@ from ..pipeline.decoder import Decoder
 from ..pipeline.denoiser import Denoiser
 from ..pipeline.text_encoder import PromptEmbeddings, TextEncoder
 from ..plan import GenerationPlan
+from .faults import FaultInjection, inject_faults
 from .telemetry import StageMetrics, child_span, configure_tracing
 
 logger = logging.getLogger("vidgen_serve.stages")
@@ -63,15 +61,6 @@ class TextEncoderDeployment:
         return {"tokens": [self.stage.count_tokens(t) for t in texts], "limit": self.stage.max_sequence_length}
 
 
-class FaultInjection(BaseModel):
-    """Drill settings applied live through `reconfigure` (user_config): off by default."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    extra_latency_s: float = Field(0.0, ge=0, le=600, description="Seconds added to every denoise call.")
-    error_rate: float = Field(0.0, ge=0, le=1, description="Fraction of denoise calls that fail.")
-
-
 class DenoiserDeployment:
     """Serve wrapper of `Denoiser` (or of a parallel worker group of them: TP, Ulysses, CFG).
 
@@ -81,9 +70,10 @@ class DenoiserDeployment:
     the generator stops at the next unit boundary.
     """
 
-    def __init__(self, config: AppConfig, role: str = "primary"):
+    def __init__(self, config: AppConfig, role: str = "primary", retry_after_s: int = 5):
         configure_tracing()
         self.role = role
+        self.retry_after_s = retry_after_s
         profile = config.model_profile
         if profile.parallel.size > 1:  # a worker group: {tp, ulysses, cfg} ranks
             from ..parallel.group import ParallelDenoiser
@@ -98,10 +88,8 @@ class DenoiserDeployment:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"denoise-{role}")
 
     def reconfigure(self, user_config: dict | None) -> None:
-        """Apply `user_config` live: `{"fault_injection": {"extra_latency_s": .., "error_rate": ..}}`."""
-        self.faults = FaultInjection.model_validate((user_config or {}).get("fault_injection") or {})
-        if self.faults != FaultInjection():
-            logger.warning("fault injection active on %s denoiser: %s", self.role, self.faults.model_dump())
+        """Apply `user_config` live: `{"fault_injection": {...}}` (see `FaultInjection`)."""
+        self.faults = _faults_from(user_config, f"{self.role} denoiser")
 
     async def denoise(
         self, plan: GenerationPlan, embeddings: PromptEmbeddings, carrier: dict | None = None
@@ -111,10 +99,7 @@ class DenoiserDeployment:
                         windows=len(plan.windows)):
             t0 = time.perf_counter()
             try:
-                if self.faults.extra_latency_s:
-                    await asyncio.sleep(self.faults.extra_latency_s)
-                if self.faults.error_rate and random.random() < self.faults.error_rate:
-                    raise VidgenError(503, f"injected fault in the {self.role} denoiser", code="injected_fault")
+                await inject_faults(self.faults, f"{self.role} denoiser")
                 run = await loop.run_in_executor(self._executor, self.stage.start, plan, embeddings)
                 try:
                     while not run.done:
@@ -134,7 +119,7 @@ class DenoiserDeployment:
                     # A rank died: this replica fails its health check and Serve replaces it.
                     raise VidgenError(503, f"the {self.role} denoiser's parallel worker group failed ({exc}); "
                                            "its replica is being replaced, retry", code="stage_unavailable",
-                                      headers={"Retry-After": "10"}) from exc
+                                      headers={"Retry-After": str(self.retry_after_s)}) from exc
                 raise
             seconds = time.perf_counter() - t0
         self.metrics.observe(seconds, self.device_type)
@@ -156,41 +141,74 @@ class DenoiserDeployment:
 
 
 class DecoderDeployment:
-    """Serve wrapper of `Decoder`: latents in, MP4 bytes out."""
+    """Serve wrapper of `Decoder`: latents in, MP4 bytes out.
+
+    `decode` is an async generator: it yields {"progress": {"phase": "vae_decode" |
+    "encode", "fraction": f}} while it works and finally {"mp4": bytes, "timings": ...}.
+    """
 
     def __init__(self, config: AppConfig):
         configure_tracing()
         self.stage = Decoder(config)
         self.metrics = StageMetrics("decode")
+        self.faults = FaultInjection()
+
+    def reconfigure(self, user_config: dict | None) -> None:
+        """Apply `user_config` live: `{"fault_injection": {...}}` (see `FaultInjection`)."""
+        self.faults = _faults_from(user_config, "decoder")
 
     async def decode(
         self, plan: GenerationPlan, latents: Any, carrier: dict | None = None
-    ) -> tuple[bytes, dict[str, float]]:
-        """MP4 bytes and {"vae_decode": s, "encode": s}.
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Progress events, then the MP4 bytes and {"vae_decode": s, "encode": s}.
 
         Runs on a worker thread; when the caller cancels (deadline, client gone), ffmpeg
         is stopped instead of finishing a video nobody will receive.
         """
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict] = asyncio.Queue()
         with child_span("decode", carrier, output=f"{plan.output_width}x{plan.output_height}"):
             t0 = time.perf_counter()
-            work = loop.run_in_executor(None, self._decode_to_bytes, plan, latents, cancel)
+            waiting: asyncio.Future | None = None
             try:
-                data, timings = await asyncio.shield(work)
-            except asyncio.CancelledError:
+                await inject_faults(self.faults, "decoder")
+                work = loop.run_in_executor(None, self._decode_to_bytes, plan, latents, cancel,
+                                            lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                while True:
+                    waiting = asyncio.ensure_future(events.get())
+                    await asyncio.wait({waiting, work}, return_when=asyncio.FIRST_COMPLETED)
+                    if not waiting.done():
+                        break
+                    yield {"progress": waiting.result()}
+                waiting.cancel()
+                while not events.empty():
+                    yield {"progress": events.get_nowait()}
+                data, timings = await work
+            except (asyncio.CancelledError, GeneratorExit):
                 cancel.set()
                 self.metrics.failed("cancelled")
                 raise
             except Exception:
                 self.metrics.failed("error")
                 raise
+            finally:
+                if waiting is not None:
+                    waiting.cancel()
         self.metrics.observe(time.perf_counter() - t0, self.stage.device.type)
-        return data, timings
+        yield {"mp4": data, "timings": timings}
 
-    def _decode_to_bytes(self, plan: GenerationPlan, latents: Any, cancel: threading.Event):
+    def _decode_to_bytes(self, plan: GenerationPlan, latents: Any, cancel: threading.Event,
+                         progress: Callable[[dict], None]):
         with tempfile.TemporaryDirectory(prefix="vidgen-decode-") as tmp:
             path = os.path.join(tmp, "video.mp4")
-            timings = self.stage.decode(plan, latents, path, cancel)
+            timings = self.stage.decode(plan, latents, path, cancel, progress=progress)
             with open(path, "rb") as f:
                 return f.read(), timings
+
+
+def _faults_from(user_config: dict | None, stage: str) -> FaultInjection:
+    faults = FaultInjection.model_validate((user_config or {}).get("fault_injection") or {})
+    if faults != FaultInjection():
+        logger.warning("fault injection active on the %s: %s", stage, faults.model_dump())
+    return faults

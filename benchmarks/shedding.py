@@ -1,0 +1,161 @@
+"""Load shedding: how fast an over-capacity sync request gets its 429, next to accepted ones.
+
+Starts the application on a local Ray cluster (tiny profile, 127.0.0.1 only), then sends
+`--rounds` bursts of `--factor` x `max_inflight_sync` concurrent `POST /v1/video/generate`
+(12 x 4 = 48 by default). Per round, the requests over capacity must get 429 + Retry-After
+at once while the accepted ones generate. Printed, side by side from the same run:
+
+- 429 latency p50 / p99 / max (all rounds together), and how many requests got what;
+- accepted-request latency p50 in the bursts, and of lone requests (the baseline a 429
+  must be far below: a rejection must not wait behind generation work);
+- the floor: `GET /healthz` sent with each burst (no work at all, same proxy and replica),
+  i.e. what any answer costs on this machine while the accepted requests generate.
+
+Bounded: `--rounds` bursts (default 3) and a wall-clock cap (`--max-seconds`).
+
+    .venv/bin/python benchmarks/shedding.py [--rounds 3] [--factor 12] [--max-inflight 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("VIDGEN_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"vidgen-test-cache-{os.getuid()}"))
+
+REQUEST = {"prompt": "a paper boat on a rainy street", "duration": 1, "resolution": "480p",
+           "num_inference_steps": 4}
+KEY = "bench-key"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:7.1f} ms"
+
+
+async def burst(client, base_url: str, n: int, seed0: int, floor: int):
+    """`n` concurrent generate calls (and `floor` GET /healthz) released together.
+
+    Returns:
+        ([(status, seconds, Retry-After)] of the generate calls, [seconds] of the health calls).
+    """
+    start = asyncio.Event()
+
+    async def generate(i: int):
+        await start.wait()
+        t0 = time.perf_counter()
+        r = await client.post(f"{base_url}/v1/video/generate", json={**REQUEST, "seed": seed0 + i})
+        return r.status_code, time.perf_counter() - t0, r.headers.get("retry-after")
+
+    async def health():
+        await start.wait()
+        t0 = time.perf_counter()
+        (await client.get(f"{base_url}/healthz")).raise_for_status()
+        return time.perf_counter() - t0
+
+    tasks = [asyncio.create_task(generate(i)) for i in range(n)]
+    floors = [asyncio.create_task(health()) for _ in range(floor)]
+    await asyncio.sleep(0.2)  # every task is parked on the event before any request starts
+    start.set()
+    return await asyncio.gather(*tasks), await asyncio.gather(*floors)
+
+
+async def run(base_url: str, args) -> None:
+    import httpx
+
+    url = f"{base_url}/v1/video/generate"
+    n = args.factor * args.max_inflight
+    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
+    deadline = time.monotonic() + args.max_seconds
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=300, limits=limits,
+                                 trust_env=False) as client:
+        warm = await client.post(url, json={**REQUEST, "seed": 1})
+        warm.raise_for_status()
+        lone = []
+        for i in range(args.lone):
+            t0 = time.perf_counter()
+            (await client.post(url, json={**REQUEST, "seed": 10 + i})).raise_for_status()
+            lone.append(time.perf_counter() - t0)
+        rejected, accepted, other, floor = [], [], [], []
+        for round_no in range(args.rounds):
+            if time.monotonic() > deadline:
+                print(f"stopping after {round_no} rounds: --max-seconds {args.max_seconds:g} reached")
+                break
+            results, health = await burst(client, base_url, n, 1000 * (round_no + 1), args.floor)
+            floor += health
+            for status, seconds, retry_after in results:
+                if status == 429:
+                    assert retry_after is not None and int(retry_after) >= 1, "429 without Retry-After"
+                    rejected.append(seconds)
+                elif status == 200:
+                    accepted.append(seconds)
+                else:
+                    other.append(status)
+            print(f"round {round_no + 1}: {n} concurrent -> "
+                  f"{sum(s == 200 for s, _, _ in results)} x 200, {sum(s == 429 for s, _, _ in results)} x 429, "
+                  f"other {[s for s, _, _ in results if s not in (200, 429)]}")
+    print()
+    print(f"requests: {len(accepted)} accepted, {len(rejected)} rejected (429), {len(other)} other {other}")
+    if rejected:
+        print(f"429 latency       p50 {ms(statistics.median(rejected))}   p99 {ms(percentile(rejected, 99))}   "
+              f"max {ms(max(rejected))}   (goal: p99 < 100 ms on this machine)")
+    if floor:
+        print(f"GET /healthz      p50 {ms(statistics.median(floor))}   p99 {ms(percentile(floor, 99))}   "
+              "(floor: no work at all, same bursts)")
+    if accepted:
+        print(f"accepted (burst)  p50 {ms(statistics.median(accepted))}   p99 {ms(percentile(accepted, 99))}")
+    if lone:
+        print(f"accepted (alone)  p50 {ms(statistics.median(lone))}")
+    if rejected and lone:
+        print(f"ratio 429 p99 / lone accepted p50: {percentile(rejected, 99) / statistics.median(lone):.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="bursts to send (default 3)")
+    parser.add_argument("--factor", type=int, default=12, help="burst size as a multiple of max_inflight_sync")
+    parser.add_argument("--max-inflight", type=int, default=4, help="max_inflight_sync of the service")
+    parser.add_argument("--lone", type=int, default=3, help="lone accepted requests for the baseline")
+    parser.add_argument("--floor", type=int, default=4, help="GET /healthz sent with each burst")
+    parser.add_argument("--max-seconds", type=float, default=300, help="stop starting rounds after this long")
+    args = parser.parse_args()
+    if not 1 <= args.rounds <= 20 or not 1 <= args.factor * args.max_inflight <= 256:
+        parser.error("keep it bounded: 1..20 rounds, at most 256 concurrent requests")
+
+    os.environ["VIDGEN_API_KEYS"] = KEY  # replicas inherit the environment of the process that starts Ray
+    import ray
+    from ray import serve
+
+    from vidgen_serve.serve import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = tempfile.mkdtemp(prefix="vidgen-bench-")
+    print(f"machine: {os.cpu_count()} CPU cores; request: {REQUEST}; "
+          f"{args.factor} x max_inflight_sync {args.max_inflight} = {args.factor * args.max_inflight} concurrent")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"state_dir": state, "max_inflight_sync": args.max_inflight, "request_timeout_s": 300}),
+                  name="bench", route_prefix="/")
+        asyncio.run(run(f"http://127.0.0.1:{port}", args))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
