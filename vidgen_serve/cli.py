@@ -43,10 +43,26 @@ def _request_body(args: argparse.Namespace) -> dict:
     return body
 
 
+def _overrides(pairs: list[str]) -> dict:
+    """`--override KEY=VALUE` pairs as profile_overrides (values parsed as YAML scalars: 2, true, bfloat16)."""
+    import yaml
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise VidgenError(400, f"--override {pair!r}: expected KEY=VALUE (e.g. dtype=bfloat16)")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError as exc:
+            raise VidgenError(400, f"--override {pair!r}: value is not a YAML scalar ({exc})") from None
+    return overrides
+
+
 def _config(args: argparse.Namespace):
     from .config import AppConfig
 
-    overrides = {}
+    overrides = _overrides(getattr(args, "override", None) or [])
     if getattr(args, "tp", None):
         overrides["tensor_parallel_size"] = args.tp
     return AppConfig(profile=args.profile, profile_overrides=overrides)
@@ -66,9 +82,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         config = _config(args)
     except ValidationError as exc:
-        raise VidgenError(422, f"invalid configuration: {exc.errors(include_url=False)[0]['msg']}") from None
+        messages = [e["msg"].removeprefix("Value error, ") for e in exc.errors(include_url=False)]
+        raise VidgenError(422, f"invalid configuration: {'; '.join(messages)}") from None
     request = parse_request(_request_body(args))
     plan = build_plan(request, config)  # validate before loading any model
+
+    from .models.loading import check_runtime
+
+    check_runtime(config.model_profile)  # dtypes, quantisation, attention backend this machine can run
 
     # torch, diffusers (and DeepSpeed's start-up chatter) only once the request is known good:
     # a bad request fails in a second instead of after the model stack imports.
@@ -191,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", dest="guidance_scale", type=float)
     gen.add_argument("--profile", default=os.environ.get("VIDGEN_PROFILE", "tiny"))
     gen.add_argument("--tp", type=int, help="tensor-parallel ranks for the denoiser (local process group)")
+    gen.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a profile field (repeatable; same names as profile_overrides), "
+                          "e.g. --override dtype=bfloat16 --override compile=true")
     gen.add_argument("--output", "-o", required=True, help="MP4 file to write")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
@@ -210,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr)
+    if not args.verbose:
+        # torchao's import-time notes (no Triton, CUDA kernels not loadable on a CPU machine) are not actionable.
+        logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except VidgenError as exc:
