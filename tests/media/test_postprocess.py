@@ -4,6 +4,9 @@ and threads sized to the replica."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -22,20 +25,17 @@ from vidgen_serve.media.mp4 import (
 )
 
 
-def moving_discs(n: int, fps: int, width: int = 208, height: int = 120) -> np.ndarray:
-    """Discs moving at constant speed over a gradient, rendered at time i / fps: natural motion."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    frames = []
-    for i in range(n):
-        t = i / fps
-        img = np.zeros((height, width, 3), np.float32)
-        img[..., 2] = 255 * x / width
-        for cx, cy, vx, vy, r, colour in [(30, 40, 40, 10, 14, (255, 60, 60)), (150, 80, -30, -8, 18, (60, 255, 90)),
-                                          (100, 30, 15, 25, 10, (250, 250, 40))]:
-            mask = np.clip(r + 0.5 - np.hypot(x - (cx + vx * t), y - (cy + vy * t)), 0, 1)[..., None]
-            img = img * (1 - mask) + np.array(colour, np.float32) * mask
-        frames.append(img.clip(0, 255).astype(np.uint8))
-    return np.stack(frames)
+def _load_benchmark():
+    """benchmarks/postprocess.py (its synthetic moving-disc frames are what the benchmark measures)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "postprocess.py"
+    spec = importlib.util.spec_from_file_location("postprocess_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def moving_discs(n: int, fps: int):
+    return _load_benchmark().moving_discs(n, fps, 208, 120)
 
 
 def settings_for(n_in: int, in_fps: int, out_fps: int, **kw) -> EncodeSettings:
