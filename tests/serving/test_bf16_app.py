@@ -34,25 +34,19 @@ def base_url(tmp_path_factory):
 
     from vidgen_serve.serve import build_app
 
-    saved = os.environ.get("VIDGEN_API_KEYS")
-    os.environ["VIDGEN_API_KEYS"] = API_KEY  # replicas inherit the driver's environment
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app({"model": {"profile_overrides": BF16}, "standby": False,
-                         "state_dir": str(tmp_path_factory.mktemp("bf16-state"))})
-        serve.run(app, name="vidgen_bf16", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VIDGEN_API_KEYS", API_KEY)  # replicas inherit the driver's environment
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
-            serve.shutdown()
+            port = _free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            app = build_app({"model": {"profile_overrides": BF16}, "standby": False,
+                             "state_dir": str(tmp_path_factory.mktemp("bf16-state"))})
+            serve.run(app, name="vidgen_bf16", route_prefix="/")
+            yield f"http://127.0.0.1:{port}"
         finally:
+            serve.shutdown()
             ray.shutdown()
-            if saved is None:
-                os.environ.pop("VIDGEN_API_KEYS", None)
-            else:
-                os.environ["VIDGEN_API_KEYS"] = saved
 
 
 def test_bf16_profile_serves_the_bf16_video(base_url, probe_mp4, pipeline, tiny_config):

@@ -160,9 +160,11 @@ def select_h264_encoder(choice: str) -> str:
 
 
 # Interpolation chunks: each owns at least this many output frames, and sees this many input
-# frames of each neighbour (minterpolate's motion search looks at the frames around each instant).
+# frames of each neighbour. minterpolate's motion search starts from the previous frame's vectors,
+# so a chunk needs a run-in before its first owned frame for its vectors to be one long run's: at
+# 832x480, 4 frames left rare blocks different, 8 give identical frames (benchmarks/postprocess.py).
 MIN_CHUNK_OUTPUT_FRAMES = 24
-CHUNK_MARGIN_FRAMES = 4
+CHUNK_MARGIN_FRAMES = 8
 
 
 def interpolation_chunks(num_in: int, settings: EncodeSettings, workers: int) -> list[tuple[int, int, int, int]]:
