@@ -139,3 +139,43 @@ def test_bad_parallel_layouts_fail_before_any_model_loads(tmp_path, capsys):
         for text in expected:
             assert text in err, (flags, err)
     assert os.listdir(tmp_path) == []
+def test_bf16_override_generates_end_to_end(tmp_path, probe_mp4, capsys):
+    """The tiny profile in bfloat16 through the CLI: the path that crashed at the first step on H100."""
+    out = tmp_path / "bf16.mp4"
+    code, err = run_main(capsys, "generate", "--prompt", "a red fox running through snow", "--duration", "1",
+                         "--resolution", "480p", "--steps", "2", "--seed", "4", "--quiet",
+                         "--override", "dtype=bfloat16", "--override", "vae_dtype=bfloat16", "--output", str(out))
+    assert code == 0, err
+    assert f"wrote {out}" in err
+    info = probe_mp4(out)
+    assert (info["width"], info["height"], info["num_frames"]) == (854, 480, 30)
+    assert info["frames"].std() > 1.0
+
+
+def test_override_errors_name_the_field(tmp_path, capsys):
+    out = str(tmp_path / "v.mp4")
+    code, err = run_main(capsys, "generate", "--prompt", "a", "--override", "dtpye=bfloat16", "--output", out)
+    assert code != 0 and "unknown field(s) 'dtpye'" in err and "valid fields:" in err and "dtype" in err
+    code, err = run_main(capsys, "generate", "--prompt", "a", "--override", "dtype=bf16", "--output", out)
+    assert code != 0 and "profile_overrides.dtype='bf16'" in err and "'bfloat16'" in err
+    code, err = run_main(capsys, "generate", "--prompt", "a", "--override", "dtype", "--output", out)
+    assert code != 0 and "--override 'dtype': expected KEY=VALUE" in err
+    code, err = run_main(capsys, "generate", "--prompt", "a", "--override", "max_steps=lots", "--output", out)
+    assert code != 0 and "profile_overrides.max_steps='lots'" in err
+    # A value the machine can't run is refused before any model loads.
+    code, err = run_main(capsys, "generate", "--prompt", "a", "--override", "quantization=float8_dynamic",
+                         "--output", out)
+    assert code != 0 and "quantization='float8_dynamic'" in err and "compute capability >= 8.9" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_override_values_are_yaml_scalars():
+    from vidgen_serve.cli import _config, build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "a", "-o", "v.mp4", "--override", "compile=true",
+                                      "--override", "max_steps=20", "--override", "step_cache_threshold=0.1",
+                                      "--override", "dtype=bfloat16", "--tp", "2"])
+    profile = _config(args).model_profile
+    assert (profile.compile, profile.max_steps, profile.step_cache_threshold, profile.dtype) == (
+        True, 20, 0.1, "bfloat16")
+    assert profile.tensor_parallel_size == 2

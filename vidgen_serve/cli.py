@@ -75,12 +75,26 @@ def parse_parallel(text: str | None, tp: int | None = None) -> dict[str, int] | 
                                    f"--parallel tp=N: give one)")
         layout["tp"] = tp
     return layout
+def _overrides(pairs: list[str]) -> dict:
+    """`--override KEY=VALUE` pairs as profile_overrides (values parsed as YAML scalars: 2, true, bfloat16)."""
+    import yaml
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise VidgenError(400, f"--override {pair!r}: expected KEY=VALUE (e.g. dtype=bfloat16)")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError as exc:
+            raise VidgenError(400, f"--override {pair!r}: value is not a YAML scalar ({exc})") from None
+    return overrides
 
 
 def _config(args: argparse.Namespace):
     from .config import AppConfig
 
-    overrides = {}
+    overrides = _overrides(getattr(args, "override", None) or [])
     layout = parse_parallel(getattr(args, "parallel", None), getattr(args, "tp", None))
     if layout is not None:
         overrides["parallel"] = layout
@@ -101,11 +115,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         config = _config(args)
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        field = ".".join(str(part) for part in error["loc"])  # e.g. parallel.cfg
-        raise VidgenError(422, f"invalid configuration: {field + ': ' if field else ''}{error['msg']}") from None
+        messages = []
+        for error in exc.errors(include_url=False):
+            field = ".".join(str(part) for part in error["loc"])  # e.g. parallel.cfg
+            messages.append(f"{field + ': ' if field else ''}{error['msg'].removeprefix('Value error, ')}")
+        raise VidgenError(422, f"invalid configuration: {'; '.join(messages)}") from None
     request = parse_request(_request_body(args))
     plan = build_plan(request, config)  # validate before loading any model
+
+    from .models.loading import check_runtime
+
+    check_runtime(config.model_profile)  # dtypes, quantisation, attention backend this machine can run
 
     # torch, diffusers (and DeepSpeed's start-up chatter) only once the request is known good:
     # a bad request fails in a second instead of after the model stack imports.
@@ -278,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the denoiser's worker group layout (local process group), e.g. cfg=2, ulysses=2, "
                           "tp=2,cfg=2; the product is the number of ranks")
     gen.add_argument("--tp", type=int, help="tensor-parallel ranks: short for --parallel tp=N")
+    gen.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a profile field (repeatable; same names as profile_overrides), "
+                          "e.g. --override dtype=bfloat16 --override compile=true")
     gen.add_argument("--output", "-o", required=True, help="MP4 file to write")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
@@ -301,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr)
+    if not args.verbose:
+        # torchao's import-time notes (no Triton, CUDA kernels not loadable on a CPU machine) are not actionable.
+        logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except VidgenError as exc:

@@ -12,10 +12,18 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Aspect = Literal["16:9", "9:16", "1:1"]
 Resolution = Literal["480p", "720p", "1080p", "4k"]
+StepCache = Literal["off", "first_block", "taylorseer"]
+# diffusers' attention dispatcher backends that run without downloading kernels at run time.
+AttentionBackend = Literal[
+    "native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math", "flash", "_flash_3", "sage",
+    "xformers",
+]
+# Checkpoint ids whose architecture is built in (configs in code): `weights: random` needs no download.
+RANDOM_WEIGHTS_ARCHITECTURES = ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers")
 
 # Output presets: (width, height) for 16:9; 9:16 swaps them, 1:1 squares the short side.
 RESOLUTION_PRESETS: dict[str, tuple[int, int]] = {
@@ -150,6 +158,57 @@ class ModelProfile(BaseModel):
     interpolation: Literal["mci", "blend"] = Field(
         "mci", description="ffmpeg minterpolate mode for frame-rate conversion (mci = motion compensated)."
     )
+    # --- real architectures and speed options (docs/gpu.md) ---
+    weights: Literal["checkpoint", "random"] = Field(
+        "checkpoint",
+        description="'checkpoint': load the checkpoint's weights (from_pretrained). 'random': build the checkpoint's "
+        f"architecture (built in for {', '.join(RANDOM_WEIGHTS_ARCHITECTURES)}; read from the directory for a local "
+        "checkpoint) with random weights, directly on the device in `dtype`: no download, for memory and speed checks.",
+    )
+    attention_backend: AttentionBackend = Field(
+        "native",
+        description="diffusers attention backend of the transformer ('native' = torch SDPA's own choice; "
+        "'_native_cudnn' / '_native_flash' / '_native_efficient' pin an SDPA kernel on CUDA; '_native_math' anywhere; "
+        "'flash' / '_flash_3' / 'sage' / 'xformers' need their package).",
+    )
+    compile: bool = Field(
+        False,
+        description="Regional torch.compile of the transformer's repeated blocks, compiled when the replica starts "
+        "(a warm-up over the profile's shapes), so no request pays for it.",
+    )
+    compile_backend: Literal["inductor", "aot_eager"] = Field(
+        "inductor", description="torch.compile backend ('aot_eager' traces without code generation: CPU tests)."
+    )
+    step_cache: StepCache = Field(
+        "off",
+        description="Default step caching of the denoiser through diffusers' cache hooks ('first_block' = "
+        "FirstBlockCache, 'taylorseer' = TaylorSeer); a request may choose its own. 'off' is the plain path exactly.",
+    )
+    step_cache_threshold: float = Field(
+        0.05, gt=0, le=1, description="FirstBlockCache threshold (higher skips more steps, lower quality)."
+    )
+    quantization: Literal["none", "int8_weight_only", "float8_dynamic"] = Field(
+        "none",
+        description="Transformer linear layers through torchao (diffusers' TorchAoConfig): int8 weight-only halves "
+        "the weights' memory; float8_dynamic computes in FP8 (CUDA compute capability >= 8.9, e.g. H100).",
+    )
+    text_encoder_quantization: Literal["none", "int8_weight_only"] = Field(
+        "none", description="UMT5 encoder linear layers: int8 weight-only through torchao (transformers' TorchAoConfig)."
+    )
+    vae_tiling: bool = Field(False, description="Decode the VAE in overlapping spatial tiles (less memory).")
+    vae_tile_px: int = Field(
+        256, ge=32, multiple_of=16, description="Tile size in pixels when vae_tiling is on (stride = 3/4 of it)."
+    )
+    video_encoder: Literal["auto", "libx264", "h264_nvenc"] = Field(
+        "auto",
+        description="H.264 encoder: 'auto' uses h264_nvenc where ffmpeg can open it (L4, L40S...; not A100/H100) "
+        "and libx264 otherwise.",
+    )
+    decoder_threads: int | None = Field(
+        None, ge=1, le=256,
+        description="CPU threads for post-processing and x264 (default: the replica's CPUs, from Ray's "
+        "OMP_NUM_THREADS or the process's CPU affinity).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -184,6 +243,14 @@ class ModelProfile(BaseModel):
         if self.default_guidance_scale > self.max_guidance_scale:
             raise ValueError("default_guidance_scale exceeds max_guidance_scale")
         check_parallel(self)
+        if self.weights == "random" and not (
+            self.checkpoint.startswith("builtin:") or self.checkpoint in RANDOM_WEIGHTS_ARCHITECTURES
+            or Path(self.checkpoint).is_dir()
+        ):
+            raise ValueError(
+                f"weights='random' needs the architecture of checkpoint={self.checkpoint!r}: use a local checkpoint "
+                f"directory, 'builtin:tiny' or one of {list(RANDOM_WEIGHTS_ARCHITECTURES)}"
+            )
         return self
 
 
@@ -324,7 +391,21 @@ class AppConfig(BaseModel):
     def _known_profile(self) -> "AppConfig":
         if self.profile not in PROFILES:
             raise ValueError(f"profile={self.profile!r} is unknown; valid profiles: {sorted(PROFILES)}")
-        self.model_profile  # validates overrides early
+        unknown = sorted(set(self.profile_overrides) - set(ModelProfile.model_fields))
+        if unknown:
+            raise ValueError(
+                f"profile_overrides: unknown field(s) {', '.join(map(repr, unknown))}; valid fields: "
+                f"{', '.join(sorted(ModelProfile.model_fields))}"
+            )
+        try:
+            self.model_profile  # validates overrides early
+        except ValidationError as exc:
+            # One line per bad field, named as the override was given (pydantic's messages list the valid values).
+            raise ValueError("; ".join(
+                f"profile_overrides.{'.'.join(map(str, e['loc']))}={e['input']!r}: {e['msg']}"
+                if e["loc"] else f"profile {self.profile!r} with these overrides: {e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors(include_url=False)
+            )) from None
         return self
 
     @cached_property

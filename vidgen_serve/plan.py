@@ -52,6 +52,7 @@ class GenerationPlan(BaseModel):
     seed: int
     num_inference_steps: int
     guidance_scale: float
+    step_cache: str = Field("off", description="Denoiser step caching for this run ('off' = the plain path).")
     # Native (model) geometry
     native_width: int
     native_height: int
@@ -213,6 +214,7 @@ def build_plan(request: VideoRequest, config: AppConfig, seed: int | None = None
         seed=seed,
         num_inference_steps=request.num_inference_steps or profile.default_steps,
         guidance_scale=request.guidance_scale or profile.default_guidance_scale,
+        step_cache=request.step_cache or profile.step_cache,
         native_width=native_w,
         native_height=native_h,
         native_fps=profile.native_fps,

@@ -81,6 +81,9 @@ class VideoRequest(BaseModel):
     )
     num_inference_steps: int | None = Field(None, ge=1, le=200, description="Sampler steps (bounded by profile).")
     guidance_scale: float | None = Field(None, ge=1.0, le=30.0, description="CFG scale (bounded by profile).")
+    step_cache: Literal["off", "first_block", "taylorseer"] | None = Field(
+        None, description="Denoiser step caching (faster, slightly different frames); default: the profile's."
+    )
 
     @model_validator(mode="after")
     def _keyframes_within_duration(self) -> "VideoRequest":

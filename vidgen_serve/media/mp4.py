@@ -5,15 +5,27 @@ frame rate with motion interpolation (`minterpolate`), upscales to the output si
 (lanczos) and encodes H.264 / yuv420p with `+faststart`, so players can start before the
 whole file arrives. The file is written next to its destination and renamed into place:
 a failed encode never leaves half a file behind.
+
+Speed: ffmpeg's motion-compensated interpolation (`mci`) is single-threaded and dominates
+post-processing (11.8 s for 81 frames at 832x480 on an H100 host). It is run in parallel over
+time chunks, one ffmpeg per chunk: each chunk sees a few frames of its neighbours (so its motion
+search starts from the same frames as one long run) and keeps exactly the output frames it owns,
+placed on the global output clock. The chunks' frames then go through one final graph (scale,
+later filters, encoder). x264 and the chunk count use the replica's CPUs; H.264 is encoded by
+`h264_nvenc` where ffmpeg can open it (GPUs with NVENC: L4, L40S; not A100/H100).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
+import subprocess
+import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,33 +57,200 @@ class EncodeSettings:
     preset: str = "veryfast"
     crf: int = 20
     interpolation: str = "mci"
+    threads: int = 0  # CPU threads for interpolation chunks and x264; 0 = `available_cpus()`
+    encoder: str = "libx264"  # or "h264_nvenc" (see `select_h264_encoder`)
+
+    @property
+    def workers(self) -> int:
+        return self.threads or available_cpus()
 
 
-def build_stream(width: int, height: int, settings: EncodeSettings, target: str, encode: bool = True):
-    """The ffmpeg-python graph: rawvideo on stdin -> minterpolate -> scale -> H.264 MP4.
+def available_cpus() -> int:
+    """CPUs this process should use: Ray's OMP_NUM_THREADS (set to a replica's num_cpus), else its affinity."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    `encode=False` ends the graph in a null sink instead (the benchmark uses it to time
-    post-processing apart from the H.264 encode).
+
+def interpolation_filter(stream, settings: EncodeSettings):
+    """Frame-rate conversion from `in_fps` to `out_fps` (minterpolate, `settings.interpolation` mode)."""
+    return stream.filter("minterpolate", fps=settings.out_fps, mi_mode=settings.interpolation)
+
+
+def post_process(stream, width: int, height: int, settings: EncodeSettings, interpolate: bool = True):
+    """The post-processing filter chain applied to the decoded frames, in order.
+
+    One place to add filters: frame-rate conversion (unless the frames were already
+    interpolated in chunks, `interpolate=False`), then the upscale to the output size.
+    Filters added after the interpolation see frames on the output clock (`out_fps`).
     """
-    stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}",
-                          framerate=settings.in_fps)
-    if settings.out_fps != settings.in_fps:
-        stream = stream.filter("minterpolate", fps=settings.out_fps, mi_mode=settings.interpolation)
+    if interpolate and settings.out_fps != settings.in_fps:
+        stream = interpolation_filter(stream, settings)
     if (width, height) != (settings.out_width, settings.out_height):
         stream = stream.filter("scale", settings.out_width, settings.out_height, flags="lanczos")
+    return stream
+
+
+# x264 preset -> NVENC preset (p1 fastest .. p7 best).
+_NVENC_PRESETS = {"ultrafast": "p1", "superfast": "p2", "veryfast": "p2", "faster": "p3", "fast": "p3",
+                  "medium": "p4", "slow": "p5", "slower": "p6", "veryslow": "p7", "placebo": "p7"}
+
+
+def h264_encoder_args(settings: EncodeSettings) -> dict:
+    """ffmpeg output options of the H.264 encoder: libx264 (threads sized to the replica) or NVENC."""
+    if settings.encoder == "h264_nvenc":
+        return {"vcodec": "h264_nvenc", "preset": _NVENC_PRESETS.get(settings.preset, "p4"), "rc": "vbr",
+                "cq": settings.crf, "b:v": 0}
+    return {"vcodec": "libx264", "preset": settings.preset, "crf": settings.crf, "threads": settings.workers}
+
+
+def build_stream(width: int, height: int, settings: EncodeSettings, target: str, encode: bool = True,
+                 interpolate: bool = True):
+    """The ffmpeg-python graph: rawvideo on stdin -> `post_process` -> H.264 MP4.
+
+    `encode=False` ends the graph in a null sink instead (the benchmark uses it to time
+    post-processing apart from the H.264 encode). `interpolate=False`: the frames on stdin
+    are already at `out_fps` (interpolated in chunks by `interpolate_chunked`).
+    """
+    stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}",
+                          framerate=settings.in_fps if interpolate else settings.out_fps)
+    stream = post_process(stream, width, height, settings, interpolate)
     if not encode:
         return stream.output("-", format="null", vframes=settings.out_frames)
     return stream.output(
         target,
         format="mp4",
-        vcodec="libx264",
         pix_fmt="yuv420p",
-        preset=settings.preset,
-        crf=settings.crf,
         r=settings.out_fps,
         vframes=settings.out_frames,
         movflags="+faststart",
+        **h264_encoder_args(settings),
     )
+
+
+@functools.cache
+def nvenc_usable() -> bool:
+    """Whether ffmpeg can open `h264_nvenc` here (probed once per process with a tiny real encode).
+
+    The encoder being compiled in is not enough: A100 and H100 have no NVENC engine, and
+    machines without an NVIDIA driver can't open it either.
+    """
+    cmd = [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+           "color=c=black:s=256x256:d=0.1", "-frames:v", "2", "-c:v", "h264_nvenc", "-f", "null", "-"]
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def select_h264_encoder(choice: str) -> str:
+    """The encoder for a profile's `video_encoder`: 'auto' = h264_nvenc where usable, else libx264.
+
+    Raises:
+        ValueError: 'h264_nvenc' asked for explicitly and ffmpeg cannot open it here.
+    """
+    if choice == "libx264":
+        return "libx264"
+    if nvenc_usable():
+        return "h264_nvenc"
+    if choice == "h264_nvenc":
+        raise ValueError("video_encoder='h264_nvenc': ffmpeg cannot open NVENC on this machine (no NVIDIA video "
+                         "encoder: A100/H100 have none, or no driver); valid values here: ['auto', 'libx264']")
+    return "libx264"
+
+
+# Interpolation chunks: each owns at least this many output frames, and sees this many input
+# frames of each neighbour. minterpolate's motion search starts from the previous frame's vectors,
+# so a chunk needs a run-in before its first owned frame for its vectors to be one long run's: at
+# 832x480, 4 frames left rare blocks different, 8 give identical frames (benchmarks/postprocess.py).
+MIN_CHUNK_OUTPUT_FRAMES = 24
+CHUNK_MARGIN_FRAMES = 8
+
+
+def interpolation_chunks(num_in: int, settings: EncodeSettings, workers: int) -> list[tuple[int, int, int, int]]:
+    """Split the output frames into `(in_start, in_end, out_start, out_end)` chunks, one per worker.
+
+    Output frame n is at time n / out_fps; the chunk owning outputs [out_start, out_end) gets
+    the input frames covering those instants plus `CHUNK_MARGIN_FRAMES` on each side.
+    """
+    out_frames = settings.out_frames
+    count = max(1, min(workers, out_frames // MIN_CHUNK_OUTPUT_FRAMES))
+    bounds = [round(i * out_frames / count) for i in range(count + 1)]
+    chunks = []
+    for out_start, out_end in zip(bounds, bounds[1:]):
+        first = (out_start * settings.in_fps) // settings.out_fps
+        last = -(-((out_end - 1) * settings.in_fps) // settings.out_fps)  # ceil
+        chunks.append((max(0, first - CHUNK_MARGIN_FRAMES), min(num_in, last + CHUNK_MARGIN_FRAMES + 1),
+                       out_start, out_end))
+    return chunks
+
+
+def _chunk_stream(width: int, height: int, settings: EncodeSettings, chunk: tuple[int, int, int, int]):
+    in_start, _in_end, out_start, out_end = chunk
+    stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}",
+                          framerate=settings.in_fps)
+    # Put the chunk on the global clock, interpolate, keep exactly the output frames it owns.
+    stream = stream.filter("setpts", f"PTS+{in_start}/(FRAME_RATE*TB)")
+    stream = interpolation_filter(stream, settings)
+    stream = stream.filter("trim", start_pts=out_start, end_pts=out_end)
+    # passthrough: frames keep their global timestamps (a complex graph would otherwise be re-timed
+    # from 0 with duplicated frames).
+    return stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough")
+
+
+def interpolate_chunked(frames: np.ndarray, settings: EncodeSettings, workers: int | None = None,
+                        cancel: threading.Event | None = None) -> np.ndarray:
+    """Frame-rate conversion of `frames` to exactly `settings.out_frames` frames, in parallel time chunks.
+
+    `frames` must already be padded (`pad_for_interpolation`). Returns (out_frames, H, W, 3) uint8.
+
+    Raises:
+        GenerationCancelled: `cancel` was set (every chunk's ffmpeg is killed).
+        RuntimeError: an ffmpeg failed, or a chunk did not produce the frames it owns.
+    """
+    _, height, width, _ = frames.shape
+    chunks = interpolation_chunks(len(frames), settings, workers or settings.workers)
+    frame_bytes = width * height * 3
+    procs: list = []
+    lock = threading.Lock()
+    stopped = threading.Event()
+
+    def run(chunk):
+        in_start, in_end, out_start, out_end = chunk
+        with lock:
+            if stopped.is_set():
+                raise GenerationCancelled("interpolation cancelled")
+            proc = _chunk_stream(width, height, settings, chunk).global_args(
+                "-hide_banner", "-loglevel", "error", "-nostdin").run_async(
+                cmd=ffmpeg_exe(), pipe_stdin=True, pipe_stdout=True, pipe_stderr=True)
+            procs.append(proc)
+        out, err = proc.communicate(np.ascontiguousarray(frames[in_start:in_end]).tobytes())
+        if stopped.is_set():
+            raise GenerationCancelled("interpolation cancelled")
+        if proc.returncode != 0:
+            raise RuntimeError(f"ffmpeg failed (exit {proc.returncode}): {err.decode(errors='replace')[-2000:]}")
+        if len(out) != (out_end - out_start) * frame_bytes:
+            raise RuntimeError(f"interpolation chunk {out_start}..{out_end} produced {len(out) // frame_bytes} "
+                               f"frames, expected {out_end - out_start}")
+        return np.frombuffer(out, np.uint8).reshape(-1, height, width, 3)
+
+    with ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="minterpolate") as pool:
+        futures = [pool.submit(run, c) for c in chunks]
+        try:
+            while not all(f.done() for f in futures):
+                if any(f.done() and f.exception() is not None for f in futures):
+                    break  # one chunk failed: its error is raised below, the others are killed
+                if cancel is not None and cancel.is_set():
+                    raise GenerationCancelled("encode cancelled")
+                time.sleep(0.02)
+            return np.concatenate([f.result() for f in futures])
+        finally:
+            with lock:
+                stopped.set()
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.kill()
 
 
 def run_ffmpeg(stream, frames: np.ndarray, cancel: threading.Event | None = None) -> None:
@@ -142,7 +321,12 @@ def encode_mp4(frames: np.ndarray, settings: EncodeSettings, output_path: str | 
     try:
         _, height, width, _ = frames.shape
         frames = pad_for_interpolation(frames, settings)
-        run_ffmpeg(build_stream(width, height, settings, tmp), frames, cancel)
+        interpolate = True
+        if (settings.interpolation == "mci" and settings.out_fps != settings.in_fps
+                and len(interpolation_chunks(len(frames), settings, settings.workers)) > 1):
+            # Motion-compensated interpolation is single-threaded in ffmpeg: run it over time chunks.
+            frames, interpolate = interpolate_chunked(frames, settings, cancel=cancel), False
+        run_ffmpeg(build_stream(width, height, settings, tmp, interpolate=interpolate), frames, cancel)
         os.replace(tmp, output)
     finally:
         if os.path.exists(tmp):

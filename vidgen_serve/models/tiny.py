@@ -126,25 +126,29 @@ def _build(target: Path) -> None:
     pipe.save_pretrained(target)
 
 
-def ensure_tiny_checkpoint(cache_dir: Path) -> Path:
-    """Return the path of the tiny checkpoint, building it first if it is not cached.
+def build_once(target: Path, build) -> Path:
+    """Build the directory `target` with `build(tmp_dir)` unless it exists; return it.
 
     Safe to call from several processes at once (a file lock serialises the build; the
-    checkpoint appears atomically by rename, so a reader never sees half a checkpoint).
+    directory appears atomically by rename, so a reader never sees half of it).
     """
-    cache_dir = Path(cache_dir)
-    target = cache_dir / f"wan-tiny-{recipe_hash()}"
+    target = Path(target)
     if (target / "model_index.json").exists():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if (target / "model_index.json").exists():
             return target
-        logger.info("building tiny Wan checkpoint in %s", target)
-        tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=cache_dir))
+        logger.info("building %s", target)
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
         try:
-            _build(tmp)
+            build(tmp)
             tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def ensure_tiny_checkpoint(cache_dir: Path) -> Path:
+    """Return the path of the tiny checkpoint, building it first if it is not cached (see `build_once`)."""
+    return build_once(Path(cache_dir) / f"wan-tiny-{recipe_hash()}", _build)

@@ -1,4 +1,10 @@
-"""Stage 3: VAE decode -> frames -> frame-rate conversion + upscale -> MP4."""
+"""Stage 3: VAE decode -> frames -> frame-rate conversion + upscale -> MP4.
+
+Where it runs: the VAE needs a GPU for real models (1.3B at 480p: 2 s in bf16 on an H100), but
+post-processing is CPU work (motion interpolation in parallel chunks, lanczos, x264), so a
+Decoder replica wants many CPU cores next to its GPU, or a GPU with an NVENC engine (L4, L40S)
+where H.264 is encoded in hardware. A100/H100 have no NVENC: there x264 uses the replica's CPUs.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,8 @@ import numpy as np
 import torch
 
 from ..config import AppConfig
-from ..media.mp4 import EncodeSettings, encode_mp4
+from ..errors import VidgenError
+from ..media.mp4 import EncodeSettings, encode_mp4, select_h264_encoder
 from ..models.loading import device_for, load_vae, resolve_checkpoint
 from ..plan import GenerationPlan
 
@@ -32,7 +39,15 @@ class Decoder:
         self.profile = config.model_profile
         checkpoint = checkpoint or resolve_checkpoint(config)
         self.device = device_for(self.profile)
+        try:
+            self.video_encoder = select_h264_encoder(self.profile.video_encoder)  # probed once, before loading
+        except ValueError as exc:
+            raise VidgenError(422, f"profile {self.profile.name!r}: {exc}", code="invalid_profile") from None
         self.vae = load_vae(checkpoint, self.profile, self.device)
+        if self.profile.vae_tiling:
+            tile = self.profile.vae_tile_px
+            self.vae.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
+                                   tile_sample_stride_height=tile * 3 // 4, tile_sample_stride_width=tile * 3 // 4)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
         cfg = self.vae.config
         self._latents_mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
@@ -75,7 +90,8 @@ class Decoder:
             finally:
                 if hook is not None:
                     hook.remove()
-        frames = self.video_processor.postprocess_video(video, output_type="np")[0]  # (F, H, W, 3) in [0, 1]
+        # Post-processing in float32 (numpy has no bfloat16).
+        frames = self.video_processor.postprocess_video(video.float(), output_type="np")[0]  # (F, H, W, 3) in [0, 1]
         return np.round(frames * 255.0).clip(0, 255).astype(np.uint8)
 
     def encode_settings(self, plan: GenerationPlan) -> EncodeSettings:
@@ -88,6 +104,8 @@ class Decoder:
             preset=self.profile.x264_preset,
             crf=self.profile.x264_crf,
             interpolation=self.profile.interpolation,
+            threads=self.profile.decoder_threads or 0,
+            encoder=self.video_encoder,
         )
 
     def write_mp4(self, plan: GenerationPlan, frames: np.ndarray, output_path: str | os.PathLike,

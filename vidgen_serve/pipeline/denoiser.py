@@ -9,7 +9,10 @@ start from the same noise and seams stay continuous.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import logging
+import time
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -21,6 +24,22 @@ from .text_encoder import PromptEmbeddings
 
 ProgressCallback = Callable[[dict[str, int]], None]
 CancelCheck = Callable[[], bool]
+logger = logging.getLogger(__name__)
+
+
+def set_attention_backend(transformer: Any, backend: str) -> None:
+    """Route the transformer's attention through diffusers' dispatcher backend `backend`.
+
+    diffusers also makes the backend the process-wide default for every other model; that is
+    put back, so only this transformer's attention changes.
+    """
+    if backend == "native":
+        return
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    previous = _AttentionBackendRegistry._active_backend
+    transformer.set_attention_backend(backend)
+    _AttentionBackendRegistry.set_active_backend(previous)
 
 
 def initial_noise(plan: GenerationPlan, channels: int) -> torch.Tensor:
@@ -74,6 +93,78 @@ class Denoiser:
         # The compute dtype as diffusers' WanPipeline reads it (`transformer.dtype` skips the
         # `_keep_in_fp32_modules`, e.g. `scale_shift_table`, which stay float32 in a bf16 model).
         self.dtype = transformer.dtype
+        self._cache_owner: Any = None  # the run whose step-cache hooks are on the transformer
+        set_attention_backend(transformer, self.profile.attention_backend)
+        self.warm_up_seconds = 0.0
+        if self.profile.compile:
+            # Regional compilation: each repeated block compiled once, reused by all 30/40 of them.
+            transformer.compile_repeated_blocks(fullgraph=True, backend=self.profile.compile_backend)
+            self.warm_up_seconds = self.warm_up()
+
+    def warm_up(self) -> float:
+        """Run the transformer at the shapes requests use, so compilation happens now and never in a request.
+
+        Three calls: a full window with CFG (the common shape, compiled static), a shorter window
+        (the sequence length becomes dynamic: every other size and aspect reuses that graph), and a
+        full window without CFG (batch 1 is specialised). Returns the seconds it took.
+        """
+        t0 = time.perf_counter()
+        profile, cfg = self.profile, self.transformer.config
+        width, height = next(iter(profile.native_sizes.values()))
+        window = (profile.max_window_frames - 1) // 4 + 1
+        scheduler = self.scheduler_template.__class__.from_config(self.scheduler_template.config)
+        scheduler.set_timesteps(2, device=self.device)  # a timestep of the dtype requests use
+        t = scheduler.timesteps[0]
+        cond = torch.zeros(1, profile.max_sequence_length, cfg.text_dim, device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            for frames, uncond in ((window, cond), (max(1, window // 2), cond), (window, None)):
+                latents = torch.zeros(1, self.in_channels, frames, height // 8, width // 8, device=self.device)
+                self._predict(latents, t, cond, uncond, 5.0)
+        seconds = time.perf_counter() - t0
+        logger.info("denoiser warm-up (compile) took %.1fs", seconds)
+        return seconds
+
+    def _step_cache_config(self, mode: str) -> Any:
+        from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+        if mode == "first_block":
+            return FirstBlockCacheConfig(threshold=self.profile.step_cache_threshold)
+        if mode == "taylorseer":
+            # Lite mode: on predicted steps the blocks are skipped and only the output projection is
+            # extrapolated (per-block Taylor factors of a 1.3B model at 480p would take tens of GiB).
+            return TaylorSeerCacheConfig(use_lite_mode=True, taylor_factors_dtype=torch.float32)
+        raise ValueError(f"step_cache={mode!r}; valid: off, first_block, taylorseer")
+
+    @contextlib.contextmanager
+    def step_cache(self, run: "DenoiseRun", window: int) -> Iterator[None]:
+        """The transformer as `run` wants it for one window's call: with its step-cache hooks, or plain.
+
+        Hooks are diffusers' cache hooks (`enable_cache`), put on for the run that uses them and
+        taken off when another run (or a plain one) takes the transformer, so a run with
+        step_cache 'off' runs exactly the plain transformer. Each window keeps its own cache state
+        (`cache_context`). A compiled transformer runs cached calls eagerly: the hooks' data-dependent
+        skips would otherwise recompile inside a request.
+        """
+        transformer = self.transformer
+        if self._cache_owner is not run:
+            if getattr(transformer, "is_cache_enabled", False):
+                transformer.disable_cache()
+            if run.plan.step_cache != "off":
+                transformer.enable_cache(self._step_cache_config(run.plan.step_cache))
+            self._cache_owner = run
+        if run.plan.step_cache == "off":
+            yield
+            return
+        stance = torch.compiler.set_stance("force_eager") if self.profile.compile else contextlib.nullcontext()
+        with stance, transformer.cache_context(f"window-{window}"):
+            yield
+
+    def release_step_cache(self, run: "DenoiseRun") -> None:
+        """Take `run`'s cache hooks (and their state) off the transformer, if it holds them."""
+        if self._cache_owner is run:
+            if getattr(self.transformer, "is_cache_enabled", False):
+                self.transformer.disable_cache()
+            self._cache_owner = None
 
     def _predict(
         self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float
@@ -187,8 +278,9 @@ class DenoiseRun:
         plan, t = self.plan, self.timesteps[self.step]
         win, w = plan.windows[self.window], self.weights[self.window]
         cond = self.conds[win.prompt_index : win.prompt_index + 1]
-        pred = self.denoiser._predict(self._latents[:, :, win.start : win.end], t, cond, self.uncond,
-                                      plan.guidance_scale)
+        with self.denoiser.step_cache(self, self.window):
+            pred = self.denoiser._predict(self._latents[:, :, win.start : win.end], t, cond, self.uncond,
+                                          plan.guidance_scale)
         event = {"step": self.step + 1, "steps": len(self.timesteps), "window": self.window + 1,
                  "windows": len(plan.windows)}
         if len(plan.windows) == 1:
@@ -207,7 +299,13 @@ class DenoiseRun:
             self._latents = self.scheduler.step(noise_pred, t, self._latents, return_dict=False)[0]
             self.step += 1
             self.window = 0
+            if self.done:
+                self.release()
         return event
+
+    def release(self) -> None:
+        """Free what the run holds on the shared transformer (its step-cache hooks); idempotent."""
+        self.denoiser.release_step_cache(self)
 
     def latents(self) -> torch.Tensor:
         """The final latents (float32, CPU); only valid once `done`."""

@@ -1,0 +1,77 @@
+"""The Serve application with the tiny profile in bfloat16 (profile_overrides), over real HTTP.
+
+One small application (no standby) and one request: the served video is the in-process bfloat16
+pipeline's video, frame for frame, and not the float32 one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "bf16-key"
+BF16 = {"dtype": "bfloat16", "vae_dtype": "bfloat16"}
+REQUEST = {"prompt": "a red fox running through snow", "duration": 1, "resolution": "480p",
+           "num_inference_steps": 2, "seed": 4}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from vidgen_serve.serve import build_app
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VIDGEN_API_KEYS", API_KEY)  # replicas inherit the driver's environment
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        try:
+            port = _free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            app = build_app({"model": {"profile_overrides": BF16}, "standby": False,
+                             "state_dir": str(tmp_path_factory.mktemp("bf16-state"))})
+            serve.run(app, name="vidgen_bf16", route_prefix="/")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def test_bf16_profile_serves_the_bf16_video(base_url, probe_mp4, pipeline, tiny_config):
+    import httpx
+
+    from vidgen_serve.config import AppConfig
+    from vidgen_serve.pipeline import VideoPipeline
+    from vidgen_serve.plan import build_plan
+    from vidgen_serve.request import VideoRequest
+
+    r = httpx.post(f"{base_url}/v1/video/generate", json=REQUEST, headers={"Authorization": f"Bearer {API_KEY}"},
+                   timeout=600, trust_env=False)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "video/mp4"
+    with tempfile.TemporaryDirectory() as tmp:
+        served_path = os.path.join(tmp, "served.mp4")
+        with open(served_path, "wb") as f:
+            f.write(r.content)
+        served = probe_mp4(served_path)
+        assert (served["codec"], served["width"], served["height"], served["num_frames"]) == ("h264", 854, 480, 30)
+        config = AppConfig(profile_overrides=BF16)
+        plan = build_plan(VideoRequest(**REQUEST), config)
+        bf16 = probe_mp4(VideoPipeline(config).generate(plan, os.path.join(tmp, "bf16.mp4")).path)["frames"]
+        fp32 = probe_mp4(pipeline.generate(build_plan(VideoRequest(**REQUEST), tiny_config),
+                                           os.path.join(tmp, "fp32.mp4")).path)["frames"]
+    frames = served["frames"].astype(int)
+    assert np.abs(frames - bf16.astype(int)).mean() < 0.1  # the bf16 pipeline, as run in-process
+    assert np.abs(frames - fp32.astype(int)).mean() > 0.2  # not the float32 one

@@ -1,0 +1,96 @@
+"""`benchmarks/gpu_check.py --cpu-smoke`: every part of the GPU check at toy sizes on CPU, as CI runs it.
+
+This is also the CPU equivalence test of regional compilation: the compiled denoiser (warmed up in
+its constructor) gives the plain path's latents, and requests of other sizes compile nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def numbers(node, path=""):
+    """(path, value) of every number in the report."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from numbers(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from numbers(value, f"{path}[{i}]")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield path, node
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-check") / "smoke.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out)], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout) == json.loads(out.read_text())  # one JSON document on stdout, the same in --out
+    return json.loads(out.read_text())
+
+
+def test_runs_every_part_without_errors(report):
+    assert report["mode"] == "cpu-smoke" and report["errors"] == {}
+    for part in ("device", "transformer", "speed_options", "text_encoder", "vae_decode", "post_processing",
+                 "tiny_end_to_end", "goals"):
+        assert report[part], part
+    assert report["imported"] == {"ray": False, "deepspeed": False}  # single-GPU parts need neither
+    for path, value in numbers(report):
+        assert math.isfinite(value), path
+        if path.endswith(("speedup", "seconds", "s_per_step", "_s", "tflops", "tflop_per_step")):
+            assert value > 0, path
+
+
+def test_transformer_numbers(report):
+    for model, sizes in report["transformer"].items():
+        for resolution, row in sizes.items():
+            assert row["tokens"] > 0 and 0 < row["attention_share"] < 1, (model, resolution)
+            assert 0 < row["mfu"] < 1.5  # of a measured matmul rate on CPU: a sanity bound
+    small, large = report["transformer"]["tiny"]["480p"], report["transformer"]["tiny"]["720p"]
+    assert large["tflop_per_step"] > small["tflop_per_step"]
+    assert report["device"]["peak_source"] == "measured bf16 matmul"
+
+
+def test_exact_options_match_the_plain_path(report):
+    options = report["speed_options"]
+    compile_ = options["compile"]
+    assert compile_["exact"] and compile_["rel_diff"] < 0.01
+    assert compile_["warm_up_s"] > 0 and compile_["compiles_during_requests"] == 0
+    for name, row in options["attention_backend"].items():
+        assert row["exact"] and row["rel_diff"] < 0.05, name
+    assert options["step_cache"]["off"]["max_abs_diff"] == 0.0  # off is the plain path, bit for bit
+
+
+def test_approximate_options_stay_close(report):
+    options = report["speed_options"]
+    for mode in ("first_block", "taylorseer"):
+        assert not options["step_cache"][mode]["exact"] and options["step_cache"][mode]["rel_diff"] < 0.2
+    assert options["int8_weight_only"]["rel_diff"] < 0.1
+    assert "compute capability >= 8.9" in options["float8_dynamic"]["skipped"]  # CPU: no FP8
+    for layout in ("cfg_parallel", "ulysses"):
+        assert options[layout] == {"skipped": "needs >= 2 GPUs; 0 visible"}
+    assert report["text_encoder"]["int8_weight_only"]["rel_diff"] < 0.1
+    vae = report["vae_decode"]
+    assert set(vae) == {"float32", "bfloat16", "bfloat16_tiled"}
+    assert vae["bfloat16"]["mean_abs_diff_u8"] < 5 and vae["bfloat16_tiled"]["mean_abs_diff_u8"] < 10
+
+
+def test_post_processing_and_end_to_end(report):
+    post = report["post_processing"]
+    assert post["mci_frames_exact"] and post["mci_chunked_equals_single"]
+    assert post["chunks"] >= 1
+    e2e = report["tiny_end_to_end"]
+    assert e2e["device"] == "cpu" and e2e["mp4_bytes"] > 1000
+    assert set(report["goals"]["targets"]) >= {"end_to_end_50_steps_estimate_s", "mfu_480p"}
