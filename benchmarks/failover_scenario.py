@@ -52,9 +52,12 @@ def main() -> None:
         if "autoscaling_config" in dep:
             dep["autoscaling_config"].update(min_replicas=1, max_replicas=1)
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    dashboard_port = find_free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=dashboard_port, log_to_driver=False)
     try:
-        report = failover_drill(config, f"http://127.0.0.1:{port}", "bench-key", "bench-admin", REQUEST,
+        report = failover_drill(config, f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{port}",
+                                "bench-key", "bench-admin", REQUEST,
                                 steady_calls=args.steady_calls, extra_latency_s=args.extra_latency)
     finally:
         serve.shutdown()

@@ -75,6 +75,9 @@ def test_request_file_generates_mp4_with_progress(tmp_path, probe_mp4):
     assert info["fps"] == 15 and info["num_frames"] == 15
     assert info["codec"] == "h264"
     assert sorted(os.listdir(tmp_path)) == ["req.json", "v.mp4"]  # no temp files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as readable as any new file, not 0600
 
 
 # In-process runs of `main` for the remaining error paths (same code, no interpreter start-up).

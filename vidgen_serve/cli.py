@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import VidgenError
@@ -125,6 +126,7 @@ def _local_key_file(state_dir: Path) -> Path:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the Ray Serve application from serve_config.yaml (host/port overridable)."""
     import shutil
+    import signal
     import subprocess
     import tempfile
 
@@ -158,14 +160,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     serve_bin = shutil.which("serve", path=str(Path(sys.executable).parent)) or shutil.which("serve")
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="serve_config.", dir=".", delete=False) as tmp:
-        yaml.safe_dump(config, tmp, allow_unicode=True, sort_keys=False)
+    with tempfile.TemporaryDirectory(prefix="vidgen-serve-") as tmp:  # nothing is written into the checkout
+        path = Path(tmp) / "serve_config.yaml"
+        path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+        # Its own session: the Ray processes `serve run` starts (raylet, GCS, dashboard and their
+        # agents) share its process group, so stopping the group stops all of them.
+        proc = subprocess.Popen([serve_bin, "run", str(path)], env=env, start_new_session=True)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            print("vidgen-serve: stopping (Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
+            return 0
+        finally:
+            _stop_group(proc)
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def _stop_group(proc, grace_s: float = 30.0) -> None:
+    """Stop `proc` (a session leader) and everything left in its process group.
+
+    SIGINT first (`serve run` shuts Serve and Ray down cleanly), then SIGTERM, then SIGKILL
+    for whatever outlives it (Ray's agents otherwise linger for a minute). A second Ctrl-C
+    skips the wait.
+    """
+    import signal
+    import subprocess
+
+    def signal_group(sig: int) -> bool:
+        try:
+            os.killpg(proc.pid, sig)
+            return True
+        except ProcessLookupError:  # the group is empty: all stopped
+            return False
+
     try:
-        return subprocess.call([serve_bin, "run", tmp.name], env=env)
+        if proc.poll() is None:
+            signal_group(signal.SIGINT)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        if signal_group(signal.SIGTERM):
+            for _ in range(50):
+                time.sleep(0.1)
+                if not signal_group(0):
+                    return
     except KeyboardInterrupt:
-        return 0
-    finally:
-        os.unlink(tmp.name)
+        pass
+    signal_group(signal.SIGKILL)
+    proc.wait()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,11 +45,13 @@ def drill_config(tmp_path_factory):
     for dep in app["deployments"]:  # one replica each: 2 cores
         if "autoscaling_config" in dep:
             dep["autoscaling_config"].update(min_replicas=1, max_replicas=1)
-    metrics_port = find_free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+    metrics_port, dashboard_port = find_free_port(), find_free_port()
+    # The dashboard is on: configs are deployed the way an operator does, with `serve deploy`.
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=dashboard_port, log_to_driver=False,
              _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
     try:
-        yield config, f"http://127.0.0.1:{port}", metrics_port
+        yield config, f"http://127.0.0.1:{port}", metrics_port, f"http://127.0.0.1:{dashboard_port}"
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -58,8 +60,9 @@ def drill_config(tmp_path_factory):
 def test_slow_primary_fails_over_to_standby_and_back(drill_config):
     from vidgen_serve.drill import failover_drill
 
-    config, base_url, metrics_port = drill_config
-    report = failover_drill(config, base_url, API_KEY, ADMIN_KEY, REQUEST, steady_calls=4, extra_latency_s=4.0)
+    config, base_url, metrics_port, dashboard = drill_config
+    report = failover_drill(config, dashboard, base_url, API_KEY, ADMIN_KEY, REQUEST, steady_calls=4,
+                            extra_latency_s=4.0)
 
     # Nothing is lost during a switch: every call of the scenario succeeded.
     assert [c.status for c in report.calls] == [200] * len(report.calls), report.calls
@@ -109,13 +112,13 @@ def test_failing_primary_loses_no_request_and_trips_the_router(drill_config):
 
     from vidgen_serve.drill import deploy_config, with_faults
 
-    config, base_url, _ = drill_config
+    config, base_url, _, dashboard = drill_config
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     before = httpx.get(f"{base_url}/v1/admin/router", headers=admin, timeout=30).json()
     assert before["active"] == "primary", before
     errors_before = before["targets"]["primary"]["errors"]
 
-    deploy_config(with_faults(config, "Denoiser", error_rate=1.0))
+    deploy_config(with_faults(config, "Denoiser", error_rate=1.0), dashboard)
     try:
         with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300) as client:
             responses = [client.post(f"{base_url}/v1/video/generate", json=REQUEST) for _ in range(4)]
@@ -127,13 +130,13 @@ def test_failing_primary_loses_no_request_and_trips_the_router(drill_config):
         assert after["targets"]["primary"]["errors"] - errors_before >= 3, after["targets"]["primary"]
         assert after["switches"][-1]["kind"] == "failover"
     finally:
-        deploy_config(config)
+        deploy_config(config, dashboard)
 
 
 def test_router_endpoint_needs_an_admin_key(drill_config):
     import httpx
 
-    _, base_url, _ = drill_config
+    _, base_url, _, _ = drill_config
     r = httpx.get(f"{base_url}/v1/admin/router", headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
     r = httpx.get(f"{base_url}/v1/admin/router")
@@ -151,7 +154,7 @@ def test_locust_load_run_against_the_service(drill_config, tmp_path):
     import subprocess
     import sys
 
-    _, base_url, _ = drill_config
+    _, base_url, _, _ = drill_config
     env = dict(os.environ, VIDGEN_API_KEY=API_KEY,
                VIDGEN_LOADTEST_REQUEST='{"prompt": "load", "duration": 1, "resolution": "480p", '
                                        '"num_inference_steps": 2}')
@@ -167,3 +170,15 @@ def test_locust_load_run_against_the_service(drill_config, tmp_path):
     requests, failures = int(generate[2]), int(generate[3])
     assert requests >= 2 and failures == 0, generate
 
+
+
+def test_operator_redeploy_needs_no_auth_setup(drill_config, monkeypatch):
+    """`serve deploy` of an edited config against the running service, from a shell that has
+    not exported RAY_AUTH_MODE: the drill's public path sets it (the token is ~/.ray/auth_token)."""
+    from vidgen_serve.drill import deploy_config, http, with_faults
+
+    config, base_url, _, dashboard = drill_config
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    deploy_config(with_faults(config, "Denoiser", extra_latency_s=0.0, error_rate=0.0), dashboard)
+    status, _, body = http("GET", f"{base_url}/healthz", timeout_s=30)
+    assert status == 200, body[:200]

@@ -10,8 +10,8 @@ a failed encode never leaves half a file behind.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -135,8 +135,10 @@ def encode_mp4(frames: np.ndarray, settings: EncodeSettings, output_path: str | 
     if not directory.is_dir() or not os.access(directory, os.W_OK):
         raise VidgenError(400, f"output directory {str(directory)!r} does not exist or is not writable",
                           code="output_not_writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=directory)
-    os.close(fd)
+    # Created like any new file (mode 0666 less the umask), not mkstemp's 0600: the MP4 is
+    # renamed into place and must be as readable as the user's other files.
+    tmp = str(directory / f".{output.name}.{secrets.token_hex(8)}.part")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         _, height, width, _ = frames.shape
         frames = pad_for_interpolation(frames, settings)
