@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .serving.autoscaling import policy_config
 from .serving.settings import ServeSettings
 
 __all__ = ["ServeSettings", "build_app", "deployment_defaults"]
@@ -22,6 +23,7 @@ def deployment_defaults(settings: ServeSettings) -> dict[str, dict[str, Any]]:
     tp = profile.tensor_parallel_size
 
     def stage(cpu: float, max_ongoing: int, max_queued: int, max_replicas: int) -> dict[str, Any]:
+        # Queued jobs count as work: see serving/autoscaling.py.
         return {
             "max_ongoing_requests": max_ongoing,
             "max_queued_requests": max_queued,
@@ -32,6 +34,7 @@ def deployment_defaults(settings: ServeSettings) -> dict[str, dict[str, Any]]:
                 "target_ongoing_requests": max(1, max_ongoing // 2),
                 "upscale_delay_s": 10,
                 "downscale_delay_s": 120,
+                "policy": policy_config(),
             },
             "health_check_period_s": 10,
             "health_check_timeout_s": 60,
@@ -49,7 +52,9 @@ def deployment_defaults(settings: ServeSettings) -> dict[str, dict[str, Any]]:
     return {
         "TextEncoder": stage(1 if gpu else 0.1, 8, 64, 4),
         "Denoiser": denoiser,
-        "DenoiserStandby": {**denoiser, "autoscaling_config": {**denoiser["autoscaling_config"], "max_replicas": 2}},
+        # The standby serves only while failed over: its own requests size it, not the queue.
+        "DenoiserStandby": {**denoiser, "autoscaling_config": {
+            **{k: v for k, v in denoiser["autoscaling_config"].items() if k != "policy"}, "max_replicas": 2}},
         "Decoder": stage(4 if gpu else 0.2, 2, 16, 4),
         "FailoverRouter": {"num_replicas": 1, "max_ongoing_requests": 1000, "ray_actor_options": {"num_cpus": 0}},
         "Ingress": {
@@ -80,9 +85,11 @@ def build_app(args: dict[str, Any] | None = None):
     config = settings.model
     opts = deployment_defaults(settings)
 
-    text_encoder = serve.deployment(TextEncoderDeployment, name="TextEncoder", **opts["TextEncoder"]).bind(config)
+    text_encoder = serve.deployment(TextEncoderDeployment, name="TextEncoder", **opts["TextEncoder"]).bind(
+        config, settings)
     denoisers = {
-        "primary": serve.deployment(DenoiserDeployment, name="Denoiser", **opts["Denoiser"]).bind(config, "primary")
+        "primary": serve.deployment(DenoiserDeployment, name="Denoiser", **opts["Denoiser"]).bind(
+            config, "primary", settings)
     }
     router = None
     if settings.standby:
@@ -92,6 +99,6 @@ def build_app(args: dict[str, Any] | None = None):
         router = serve.deployment(FailoverRouter, name="FailoverRouter", **opts["FailoverRouter"]).bind(
             settings, text_encoder, denoisers
         )
-    decoder = serve.deployment(DecoderDeployment, name="Decoder", **opts["Decoder"]).bind(config)
+    decoder = serve.deployment(DecoderDeployment, name="Decoder", **opts["Decoder"]).bind(config, settings)
     ingress = serve.deployment(IngressApp, name="Ingress", **opts["Ingress"])
     return ingress.bind(settings, text_encoder, denoisers, decoder, router)

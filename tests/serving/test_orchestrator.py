@@ -4,16 +4,15 @@ a real SQLite job store, no Ray. Work is held with events, never timed."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
-
 import pytest
+from fake_handles import make_stages, records
 
 from vidgen_serve.config import AppConfig
 from vidgen_serve.errors import GenerationCancelled, VidgenError
 from vidgen_serve.plan import build_plan
 from vidgen_serve.request import parse_request
 from vidgen_serve.serving.job_runner import CANCELLED_ERROR, JobRunner
-from vidgen_serve.serving.orchestrator import GenerationOrchestrator, GenerationResult
+from vidgen_serve.serving.orchestrator import GenerationResult
 from vidgen_serve.serving.settings import ServeSettings
 from vidgen_serve.state.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, open_job_store
 
@@ -23,82 +22,6 @@ SMALL = {"prompt": "a red fox", "duration": 1, "resolution": "480p", "num_infere
 @pytest.fixture(scope="module")
 def plan():
     return build_plan(parse_request(SMALL), AppConfig())
-
-
-class _Stream:
-    """What `handle.options(stream=True).method.remote()` returns: an async iterator with cancel()."""
-
-    def __init__(self, agen):
-        self._agen = agen
-        self.cancelled = False
-
-    def __aiter__(self):
-        return self._agen.__aiter__()
-
-    def cancel(self):
-        self.cancelled = True
-
-
-class _Method:
-    def __init__(self, fn, calls, name, stream=False):
-        self.fn, self.calls, self.name, self.stream = fn, calls, name, stream
-
-    def remote(self, *args):
-        self.calls.append((self.name, args))
-        out = self.fn(*args)
-        if self.stream:
-            out = _Stream(out)
-            self.calls.append(("stream", out))
-        return out
-
-
-class FakeHandle:
-    """A deployment handle: `handle.method.remote(...)` awaits the given coroutine function."""
-
-    def __init__(self, calls: list, stream: bool = False, **methods):
-        self._calls, self._methods, self._stream = calls, methods, stream
-
-    def options(self, stream: bool = False):
-        return FakeHandle(self._calls, stream, **self._methods)
-
-    def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return _Method(self._methods[name], self._calls, name, self._stream)
-
-
-def _records(calls) -> list[tuple[str, bool]]:
-    """(target, ok) of each report to the failover router."""
-    return [(args[0], args[4]) for name, args in calls if name == "record"]
-
-
-def make_stages(calls, *, denoise=None, standby_denoise=None, route="primary"):
-    async def encode(plan, carrier):
-        return SimpleNamespace(cache_misses=1), {"text_encode": 0.01}
-
-    async def default_denoise(plan, embeddings, carrier):
-        for step in (1, 2):
-            yield {"progress": {"step": step, "steps": 2, "window": 1, "windows": 1}}
-        yield {"latents": "LATENTS", "timings": {"denoise": 0.02}}
-
-    async def decode(plan, latents, carrier):
-        return b"MP4" + latents.encode(), {"vae_decode": 0.01, "encode": 0.01}
-
-    async def decode_to_store(plan, latents, key, carrier):
-        return {"vae_decode": 0.01, "encode": 0.01, "store": 0.001}
-
-    async def choose():
-        return route
-
-    async def record(target, seconds, steps, tokens, ok):
-        return None
-
-    text = FakeHandle(calls, encode=encode)
-    denoisers = {"primary": FakeHandle(calls, denoise=denoise or default_denoise),
-                 "standby": FakeHandle(calls, denoise=standby_denoise or default_denoise)}
-    decoder = FakeHandle(calls, decode=decode, decode_to_store=decode_to_store)
-    router = FakeHandle(calls, choose=choose, record=record)
-    return GenerationOrchestrator(text, denoisers, decoder, router)
 
 
 def test_generate_runs_the_stages_in_order(plan):
@@ -118,7 +41,7 @@ def test_generate_runs_the_stages_in_order(plan):
     assert {"text_encode", "denoise", "vae_decode", "encode", "total"} <= set(result.timings)
     names = [c[0] for c in calls]
     assert names.index("encode") < names.index("denoise") < names.index("decode")
-    assert _records(calls) == [("primary", True)]
+    assert records(calls) == [("primary", True)]
     # Async jobs: the Decoder stores the MP4 under the key; no bytes come back.
     stored = asyncio.run(orch.generate(plan, artifact_key="k.mp4"))
     assert stored.mp4 is None and stored.artifact == "k.mp4" and stored.timings["store"] == 0.001
@@ -135,7 +58,7 @@ def test_a_failed_denoise_is_retried_on_the_other_target(plan):
     orch = make_stages(calls, denoise=broken)
     result = asyncio.run(orch.generate(plan))
     assert result.denoiser == "standby" and result.mp4 == b"MP4LATENTS"
-    assert _records(calls) == [("primary", False), ("standby", True)]  # the failure counted against the primary
+    assert records(calls) == [("primary", False), ("standby", True)]  # the failure counted against the primary
 
 
 def test_client_errors_are_not_retried_and_cancel_stops_the_stream(plan):
@@ -148,7 +71,7 @@ def test_client_errors_are_not_retried_and_cancel_stops_the_stream(plan):
     with pytest.raises(VidgenError) as info:
         asyncio.run(make_stages(calls, denoise=bad_request).generate(plan))
     assert info.value.status_code == 422
-    assert _records(calls) == [("primary", False)]
+    assert records(calls) == [("primary", False)]
 
     calls.clear()
 

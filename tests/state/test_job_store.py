@@ -172,6 +172,11 @@ def test_cancel_flags_a_running_job_for_its_owner(make_store):
             final = await b.cancel(job.id)  # final jobs stay as they are
             assert final.state == CANCELLED
             assert await b.cancel("0" * 32) is None
+            # Only ended jobs can be deleted; then they are gone from lookups and listings.
+            assert not await a.delete(other.id)  # still running
+            assert await a.delete(job.id) and not await a.delete(job.id)
+            assert await b.get(job.id) is None
+            assert [j.id for j in await b.list("k")] == [other.id]
         finally:
             await _closed(a, b)
 

@@ -80,6 +80,12 @@ class JobRunner:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def cancel_all(self) -> None:
+        """Cancel the loop and the running jobs without waiting (the replica is going away)."""
+        for task in (self._loop_task, *self._tasks.values()):
+            if task is not None:
+                task.cancel()
+
     def wake(self) -> None:
         """Claim now (a job was just submitted here) instead of at the next tick."""
         self._wake.set()

@@ -81,6 +81,10 @@ class GenerationOrchestrator:
         except Exception as exc:  # noqa: BLE001 - mapped to a client-safe error
             raise map_stage_error(stage, exc) from exc
 
+    async def count_tokens(self, texts: list[str]) -> dict[str, Any]:
+        """Token counts of `texts` and the text encoder's limit."""
+        return await self._call("text_encode", self.text_encoder.count_tokens.remote(texts))
+
     async def _choose_denoiser(self) -> str:
         if self.router is None or self.denoisers.get("standby") is None:
             return "primary"

@@ -1,9 +1,12 @@
 """The three stage deployments: thin wrappers over the plain stage classes.
 
-Each loads its model once per replica, opens a child span per call from the carrier the
-ingress passes, records per-stage metrics, and returns tensors/bytes through Ray.
-The builder wraps these classes with `serve.deployment(...)`; tests may construct them
-directly inside a Ray worker.
+Each loads its model once per replica and wraps every call in `telemetry.stage_call`
+(a child span from the carrier the ingress passes, the latency histogram, the failure
+counter). Tensors travel through Ray; MP4s of async jobs go to the artifact store (the
+Decoder writes them and returns only timings), and only the sync endpoint gets MP4 bytes.
+Each replica reports the job store's queue depth to Serve's autoscaler
+(`record_autoscaling_stats`, see `serving/autoscaling.py`). The builder wraps these
+classes with `serve.deployment(...)`; tests may construct them directly inside a Ray worker.
 """
 
 from __future__ import annotations
@@ -27,36 +30,49 @@ from ..pipeline.decoder import Decoder
 from ..pipeline.denoiser import Denoiser
 from ..pipeline.text_encoder import PromptEmbeddings, TextEncoder
 from ..plan import GenerationPlan
-from .telemetry import StageMetrics, child_span, configure_tracing
+from .autoscaling import QueueDepthProbe
+from .telemetry import StageMetrics, configure_tracing, stage_call
 
 logger = logging.getLogger("vidgen_serve.stages")
 
 
-class TextEncoderDeployment:
-    """Serve wrapper of `TextEncoder`."""
+class _QueueDepthStats:
+    """`record_autoscaling_stats` for a stage deployment: the job store's queue depth."""
 
-    def __init__(self, config: AppConfig):
+    queue: QueueDepthProbe | None = None
+
+    def _watch_queue(self, settings: Any) -> None:
+        self.queue = QueueDepthProbe(settings) if settings is not None else None
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metrics Serve collects from this replica (queued jobs)."""
+        return await self.queue.stats() if self.queue is not None else {}
+
+
+class TextEncoderDeployment(_QueueDepthStats):
+    """Serve wrapper of `TextEncoder`.
+
+    Args:
+        config: the application config.
+        settings: serving settings (where the job store is, for queue-driven autoscaling).
+    """
+
+    def __init__(self, config: AppConfig, settings: Any = None):
         configure_tracing()
         self.stage = TextEncoder(config)
         self.metrics = StageMetrics("text_encode")
+        self._watch_queue(settings)
 
     def encode(self, plan: GenerationPlan, carrier: dict | None = None) -> tuple[PromptEmbeddings, dict[str, float]]:
         """Embeddings for the plan, and {"text_encode": seconds}."""
-        with child_span("text_encode", carrier, prompts=len(plan.prompts)) as span:
-            t0 = time.perf_counter()
-            try:
-                embeddings = self.stage.encode(plan)
-            except Exception:
-                self.metrics.failed("error")
-                raise
-            seconds = time.perf_counter() - t0
-            span.set_attribute("cache_hits", embeddings.cache_hits)
-        self.metrics.observe(seconds, self.stage.device.type)
+        with stage_call(self.metrics, carrier, self.stage.device.type, prompts=len(plan.prompts)) as call:
+            embeddings = self.stage.encode(plan)
+            call.span.set_attribute("cache_hits", embeddings.cache_hits)
         if embeddings.cache_hits:
             self.metrics.cache.inc(embeddings.cache_hits, tags={"result": "hit"})
         if embeddings.cache_misses:
             self.metrics.cache.inc(embeddings.cache_misses, tags={"result": "miss"})
-        return embeddings, {"text_encode": seconds}
+        return embeddings, {"text_encode": call.seconds}
 
     def count_tokens(self, texts: list[str]) -> dict[str, Any]:
         """Token counts of `texts` and the encoder's limit (for /v1/prompt/analyze)."""
@@ -72,7 +88,7 @@ class FaultInjection(BaseModel):
     error_rate: float = Field(0.0, ge=0, le=1, description="Fraction of denoise calls that fail.")
 
 
-class DenoiserDeployment:
+class DenoiserDeployment(_QueueDepthStats):
     """Serve wrapper of `Denoiser` (or of a tensor-parallel group of them).
 
     `denoise` is an async generator: it yields {"progress": ...} after every (step,
@@ -81,9 +97,10 @@ class DenoiserDeployment:
     the generator stops at the next unit boundary.
     """
 
-    def __init__(self, config: AppConfig, role: str = "primary"):
+    def __init__(self, config: AppConfig, role: str = "primary", settings: Any = None):
         configure_tracing()
         self.role = role
+        self._watch_queue(settings)
         profile = config.model_profile
         if profile.tensor_parallel_size > 1:
             from ..parallel.group import TensorParallelDenoiser
@@ -107,9 +124,8 @@ class DenoiserDeployment:
         self, plan: GenerationPlan, embeddings: PromptEmbeddings, carrier: dict | None = None
     ) -> AsyncIterator[dict[str, Any]]:
         loop = asyncio.get_running_loop()
-        with child_span("denoise", carrier, role=self.role, steps=plan.num_inference_steps,
-                        windows=len(plan.windows)):
-            t0 = time.perf_counter()
+        with stage_call(self.metrics, carrier, self.device_type, role=self.role, steps=plan.num_inference_steps,
+                        windows=len(plan.windows)) as call:
             try:
                 if self.faults.extra_latency_s:
                     await asyncio.sleep(self.faults.extra_latency_s)
@@ -125,20 +141,14 @@ class DenoiserDeployment:
                     release = getattr(run, "release", None)  # TP runs hold state on every rank
                     if release is not None:
                         self._executor.submit(release)
-            except asyncio.CancelledError:
-                self.metrics.failed("cancelled")
-                raise
             except Exception as exc:
-                self.metrics.failed("error")
                 if getattr(self.stage, "broken", False):
                     # A rank died: this replica fails its health check and Serve replaces it.
                     raise VidgenError(503, f"the {self.role} denoiser's tensor-parallel group failed ({exc}); "
                                            "its replica is being replaced, retry", code="stage_unavailable",
                                       headers={"Retry-After": "10"}) from exc
                 raise
-            seconds = time.perf_counter() - t0
-        self.metrics.observe(seconds, self.device_type)
-        yield {"latents": latents, "timings": {"denoise": seconds}, "role": self.role}
+        yield {"latents": latents, "timings": {"denoise": call.seconds}, "role": self.role}
 
     def check_health(self) -> None:
         """Serve calls this periodically; a broken tensor-parallel group makes the replica unhealthy."""
@@ -155,42 +165,69 @@ class DenoiserDeployment:
                 pass
 
 
-class DecoderDeployment:
-    """Serve wrapper of `Decoder`: latents in, MP4 bytes out."""
+class DecoderDeployment(_QueueDepthStats):
+    """Serve wrapper of `Decoder`: latents in; MP4 bytes out (sync requests) or the MP4 written
+    to the artifact store (async jobs).
 
-    def __init__(self, config: AppConfig):
+    Args:
+        config: the application config.
+        settings: serving settings: the artifact store (checked when the replica starts: a
+            bucket that does not exist or denies writes fails the start, naming it) and the
+            job store (queue-driven autoscaling). None: bytes only, no autoscaling stats.
+    """
+
+    async def __init__(self, config: AppConfig, settings: Any = None):
         configure_tracing()
         self.stage = Decoder(config)
         self.metrics = StageMetrics("decode")
+        self._watch_queue(settings)
+        self.artifacts = None
+        if settings is not None:
+            self.artifacts = settings.open_artifact_store()
+            await self.artifacts.start()
 
     async def decode(
         self, plan: GenerationPlan, latents: Any, carrier: dict | None = None
     ) -> tuple[bytes, dict[str, float]]:
-        """MP4 bytes and {"vae_decode": s, "encode": s}.
-
-        Runs on a worker thread; when the caller cancels (deadline, client gone), ffmpeg
-        is stopped instead of finishing a video nobody will receive.
-        """
-        cancel = threading.Event()
-        loop = asyncio.get_running_loop()
-        with child_span("decode", carrier, output=f"{plan.output_width}x{plan.output_height}"):
-            t0 = time.perf_counter()
-            work = loop.run_in_executor(None, self._decode_to_bytes, plan, latents, cancel)
-            try:
-                data, timings = await asyncio.shield(work)
-            except asyncio.CancelledError:
-                cancel.set()
-                self.metrics.failed("cancelled")
-                raise
-            except Exception:
-                self.metrics.failed("error")
-                raise
-        self.metrics.observe(time.perf_counter() - t0, self.stage.device.type)
-        return data, timings
-
-    def _decode_to_bytes(self, plan: GenerationPlan, latents: Any, cancel: threading.Event):
+        """MP4 bytes and {"vae_decode": s, "encode": s} (the sync endpoint)."""
         with tempfile.TemporaryDirectory(prefix="vidgen-decode-") as tmp:
             path = os.path.join(tmp, "video.mp4")
-            timings = self.stage.decode(plan, latents, path, cancel)
-            with open(path, "rb") as f:
-                return f.read(), timings
+            timings = await self._decode_file(plan, latents, path, carrier)
+            data = await asyncio.to_thread(_read_file, path)
+        return data, timings
+
+    async def decode_to_store(
+        self, plan: GenerationPlan, latents: Any, key: str, carrier: dict | None = None
+    ) -> dict[str, float]:
+        """Decode, then store the MP4 under `key` in the artifact store; returns the timings
+        (+ "store"). Returns only once the store has the whole file; an upload that fails
+        raises (503) with the store's reason."""
+        if self.artifacts is None:
+            raise VidgenError(500, "the decoder has no artifact store", code="stage_error")
+        with tempfile.TemporaryDirectory(prefix="vidgen-decode-") as tmp:
+            path = os.path.join(tmp, "video.mp4")
+            timings = await self._decode_file(plan, latents, path, carrier)
+            t0 = time.perf_counter()
+            await self.artifacts.put_file(key, path)
+            timings["store"] = time.perf_counter() - t0
+        return timings
+
+    async def _decode_file(self, plan: GenerationPlan, latents: Any, path: str,
+                           carrier: dict | None) -> dict[str, float]:
+        # On a worker thread; when the caller cancels (deadline, client gone, job cancelled),
+        # ffmpeg is stopped instead of finishing a video nobody will receive.
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        with stage_call(self.metrics, carrier, self.stage.device.type,
+                        output=f"{plan.output_width}x{plan.output_height}"):
+            work = loop.run_in_executor(None, self.stage.decode, plan, latents, path, cancel)
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                cancel.set()
+                raise
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()

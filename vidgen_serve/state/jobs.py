@@ -144,6 +144,10 @@ class JobStore(ABC):
         """The ids among `job_ids` whose cancel was requested."""
 
     @abstractmethod
+    async def delete(self, job_id: str) -> bool:
+        """Remove a job that has ended (final state); False if it is absent or still active."""
+
+    @abstractmethod
     async def counts(self) -> dict[str, int]:
         """Number of queued and running jobs (keys `queued`, `running`)."""
 

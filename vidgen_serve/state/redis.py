@@ -131,6 +131,15 @@ end
 return state
 """
 
+# KEYS: job, key index. ARGV: id. Only a job in a final state is removed.
+_DELETE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'succeeded' and state ~= 'failed' and state ~= 'cancelled' then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
 
 def _encode(name: str, value: Any) -> str:
     if name in _JSON:
@@ -218,7 +227,8 @@ class RedisJobStore(JobStore):
         except (RedisError, OSError, ValueError) as exc:
             raise StoreUnavailable(f"cannot reach job_store {self.url}: {exc}") from exc
         for name, source in (("claim", _CLAIM), ("heartbeat", _HEARTBEAT), ("recover", _RECOVER),
-                             ("finish", _FINISH), ("update", _UPDATE), ("cancel", _CANCEL)):
+                             ("finish", _FINISH), ("update", _UPDATE), ("cancel", _CANCEL),
+                             ("delete", _DELETE)):
             # register_script runs EVALSHA and reloads the script itself after a Redis restart.
             self._scripts[name] = self._redis.register_script(source)
 
@@ -319,6 +329,15 @@ class RedisJobStore(JobStore):
                 pipe.hget(self._job_key(job_id), "cancel_requested")
             flags = await pipe.execute()
         return {job_id for job_id, flag in zip(job_ids, flags) if flag == "1"}
+
+    @_guard
+    async def delete(self, job_id: str) -> bool:
+        job = await self.get(job_id)
+        if job is None:
+            return False
+        done = await self._scripts["delete"](keys=[self._job_key(job_id), self._key_index(job.key_id)],
+                                             args=[job_id])
+        return done == 1
 
     @_guard
     async def counts(self) -> dict[str, int]:

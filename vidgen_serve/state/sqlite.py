@@ -245,6 +245,14 @@ class SQLiteJobStore(JobStore):
 
         return await self._run(_flags)
 
+    async def delete(self, job_id: str) -> bool:
+        def _delete() -> bool:
+            cur = self._db().execute(f"DELETE FROM jobs WHERE id = ? AND state IN ({', '.join('?' * len(FINAL_STATES))})",
+                                     (job_id, *FINAL_STATES))
+            return cur.rowcount == 1
+
+        return await self._run(_delete)
+
     async def counts(self) -> dict[str, int]:
         def _counts() -> dict[str, int]:
             rows = self._db().execute("SELECT state, COUNT(*) FROM jobs WHERE state IN (?, ?) GROUP BY state",
