@@ -130,3 +130,23 @@ def bucket(s3_server):
     name = f"vidgen-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"  # the local server (CI runs one too)
+
+
+@pytest.fixture
+def redis_namespace():
+    """A fresh job-store namespace on the local Redis; its keys (and only its keys) are
+    deleted afterwards (the server is shared: never FLUSHDB)."""
+    import redis
+
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    yield namespace
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{{{namespace}}}:*", count=500))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

@@ -66,11 +66,13 @@ def deployment_defaults(settings: ServeSettings) -> dict[str, dict[str, Any]]:
     }
 
 
-def build_app(args: dict[str, Any] | None = None):
+def build_app(args: dict[str, Any] | None = None, deployment_options: dict[str, dict[str, Any]] | None = None):
     """Compose Ingress -> TextEncoder / FailoverRouter -> Denoiser (+ standby) / Decoder.
 
     Args:
         args: the application's `args` from `serve_config.yaml` (see `ServeSettings`).
+        deployment_options: per-deployment Serve options replacing the defaults key by key
+            (what the `deployments:` section of a config file does; for `serve.run` callers).
 
     Returns:
         The bound ingress application, ready for `serve.run` / `serve run`.
@@ -84,6 +86,8 @@ def build_app(args: dict[str, Any] | None = None):
     settings = ServeSettings.model_validate(args or {})
     config = settings.model
     opts = deployment_defaults(settings)
+    for name, options in (deployment_options or {}).items():
+        opts[name] = {**opts[name], **options}
 
     text_encoder = serve.deployment(TextEncoderDeployment, name="TextEncoder", **opts["TextEncoder"]).bind(
         config, settings)

@@ -3,9 +3,15 @@ without Ray: `handle.method.remote(...)` calls a coroutine (or async generator) 
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from types import SimpleNamespace
 
+import httpx
+
 from vidgen_serve.serving.orchestrator import GenerationOrchestrator
+
+VIDEO = b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 8  # what the fake decoder stores
 
 
 class _Stream:
@@ -55,7 +61,7 @@ def records(calls) -> list[tuple[str, bool]]:
     return [(args[0], args[4]) for name, args in calls if name == "record"]
 
 
-def make_stages(calls, *, denoise=None, standby_denoise=None, route="primary", decode_to_store=None):
+def make_stages(calls, *, denoise=None, standby_denoise=None, route="primary", decode=None, decode_to_store=None):
     """An orchestrator over fake stages: 2 denoising steps, MP4 bytes b"MP4LATENTS"."""
     async def encode(plan, carrier):
         return SimpleNamespace(cache_misses=1), {"text_encode": 0.01}
@@ -65,7 +71,7 @@ def make_stages(calls, *, denoise=None, standby_denoise=None, route="primary", d
             yield {"progress": {"step": step, "steps": 2, "window": 1, "windows": 1}}
         yield {"latents": "LATENTS", "timings": {"denoise": 0.02}}
 
-    async def decode(plan, latents, carrier):
+    async def default_decode(plan, latents, carrier):
         return b"MP4" + latents.encode(), {"vae_decode": 0.01, "encode": 0.01}
 
     async def default_store(plan, latents, key, carrier):
@@ -80,6 +86,43 @@ def make_stages(calls, *, denoise=None, standby_denoise=None, route="primary", d
     text = FakeHandle(calls, encode=encode)
     denoisers = {"primary": FakeHandle(calls, denoise=denoise or default_denoise),
                  "standby": FakeHandle(calls, denoise=standby_denoise or default_denoise)}
-    decoder = FakeHandle(calls, decode=decode, decode_to_store=decode_to_store or default_store)
+    decoder = FakeHandle(calls, decode=decode or default_decode, decode_to_store=decode_to_store or default_store)
     router = FakeHandle(calls, choose=choose, record=record)
     return GenerationOrchestrator(text, denoisers, decoder, router)
+
+
+def storing_decoder(store, before=None):
+    """A fake `decode_to_store` that writes VIDEO to `store` (after awaiting `before()`, if given)."""
+
+    async def decode_to_store(plan, latents, key, carrier):
+        if before is not None:
+            await before()
+        with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+            f.write(VIDEO)
+            f.flush()
+            await store.put_file(key, f.name)
+        return {"vae_decode": 0.01, "encode": 0.01, "store": 0.01}
+
+    return decode_to_store
+
+
+@contextlib.asynccontextmanager
+async def ingress_app(settings, *, denoise=None, decode=None, before_store=None):
+    """A real `Ingress` (app, routes, job runner, stores) over fake stages; yields (client, ingress).
+
+    The fake decoder writes VIDEO to the configured artifact store, after `before_store()`.
+    """
+    from vidgen_serve.serving.ingress import Ingress
+
+    store = settings.open_artifact_store()
+    await store.start()
+    orch = make_stages([], denoise=denoise, decode=decode, decode_to_store=storing_decoder(store, before_store))
+    ingress = object.__new__(Ingress)  # its constructor is async (Serve awaits it)
+    await ingress.__init__(settings, orch.text_encoder, orch.denoisers, orch.decoder, orch.router)
+    app = ingress.__serve_build_asgi_app__()
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    try:
+        yield client, ingress
+    finally:
+        await client.aclose()
+        await ingress.shutdown()

@@ -5,45 +5,20 @@ Covers the generated OpenAPI document, the error shapes, and the OpenAI-style ro
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import tempfile
 
 import httpx
 import pytest
-from fake_handles import make_stages
+from fake_handles import VIDEO, ingress_app
 
-from vidgen_serve.serving.ingress import Ingress
 from vidgen_serve.serving.settings import ServeSettings
 
 KEY, OTHER = "k-one", "k-two"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SMALL = {"prompt": "a red fox", "duration": 1, "resolution": "480p", "num_inference_steps": 2}
-VIDEO = b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 8  # what the fake decoder stores
 
 
-@contextlib.asynccontextmanager
-async def serving(settings: ServeSettings):
-    """An Ingress over fake stages whose decoder writes VIDEO to the configured artifact store."""
-    store = settings.open_artifact_store()
-    await store.start()
-
-    async def decode_to_store(plan, latents, key, carrier):
-        with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
-            f.write(VIDEO)
-            f.flush()
-            await store.put_file(key, f.name)
-        return {"vae_decode": 0.01, "encode": 0.01, "store": 0.01}
-
-    orch = make_stages([], decode_to_store=decode_to_store)
-    ingress = object.__new__(Ingress)
-    await ingress.__init__(settings, orch.text_encoder, orch.denoisers, orch.decoder, orch.router)
-    app = ingress.__serve_build_asgi_app__()
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-    try:
-        yield client, ingress
-    finally:
-        await client.aclose()
-        await ingress.shutdown()
+def serving(settings: ServeSettings):
+    return ingress_app(settings)
 
 
 @pytest.fixture(autouse=True)

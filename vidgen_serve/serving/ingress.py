@@ -27,6 +27,7 @@ from ..state.jobs import FINAL_STATES, JOB_ID_RE, QUEUED, SUCCEEDED, Job
 from .auth import ApiKeys
 from .http import DEADLINE_HEADER, create_app
 from .job_runner import JobRunner
+from .loop_lag import LoopLagProbe
 from .orchestrator import GenerationOrchestrator
 from .settings import ServeSettings
 from .telemetry import configure_tracing
@@ -67,6 +68,8 @@ class Ingress:
             on_queue_depth=self.metrics.queue_depth.set,
         )
         self.runner.start()
+        self.loop_lag = LoopLagProbe(on_window=self.metrics.loop_lag.set)
+        self.loop_lag.start()
         self.inflight_sync = 0
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -76,11 +79,13 @@ class Ingress:
     async def check_health(self) -> None:
         """Serve's periodic health check; also restarts the job runner if it stopped."""
         self.runner.start()
+        self.loop_lag.start()
 
     async def shutdown(self) -> None:
         """Stop the job runner and close the store (running jobs stay `running`: their
         heartbeats stop and another replica resumes them)."""
         await self.runner.stop()
+        await self.loop_lag.stop()
         await self.store.close()
 
     def __del__(self) -> None:
@@ -193,6 +198,8 @@ class _IngressMetrics:
         self.rejected = metrics.Counter("vidgen_rejected", description="Requests refused for capacity.",
                                         tag_keys=("reason",))
         self.queue_depth = metrics.Gauge("vidgen_jobs_queued", description="Async jobs waiting to run.")
+        self.loop_lag = metrics.Gauge("vidgen_event_loop_lag_seconds",
+                                      description="Worst delay of the ingress event loop waking a 10 ms timer, per second.")
 
 
 # The app is built per replica (`__serve_build_asgi_app__`), with this replica's settings.

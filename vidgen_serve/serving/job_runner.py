@@ -123,10 +123,13 @@ class JobRunner:
             except Exception:  # keep the loop alive; the next tick retries
                 logger.exception("job runner tick failed")
             self._wake.clear()
+            # asyncio.wait, not wait_for: wait_for can swallow a cancel that arrives as its
+            # timeout fires (Python < 3.12), and stop() would then wait forever.
+            waiter = asyncio.ensure_future(self._wake.wait())
             try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait({waiter}, timeout=self.poll_interval_s)
+            finally:
+                waiter.cancel()
 
     async def tick(self) -> None:
         """One round: cancel flags, heartbeat + recovery (when due), claims."""

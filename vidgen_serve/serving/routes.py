@@ -201,3 +201,9 @@ async def router_state(request: Request) -> dict[str, Any]:
     if ingress.router is None:
         return {"enabled": False, "active": "primary"}
     return {"enabled": True, **(await ingress.router.snapshot.remote())}
+
+
+@router.get("/v1/admin/event-loop", dependencies=[Depends(admin_key)])
+async def event_loop(request: Request) -> dict[str, float]:
+    """The longest event-loop stall of this replica since the last call (admin keys only)."""
+    return ingress_of(request).loop_lag.take()
