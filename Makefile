@@ -39,3 +39,12 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# A bounded headless load run against the local tiny service (started, waited for, stopped
+# here): var/loadtest/<scenario>-<time>/ gets Locust's CSVs, replicas.csv and report.html
+# (+ report.png). Exits 1 when a request failed (shed 429/503 answers are not failures).
+# SCENARIO=autoscale fails unless the Denoiser scales up under load and back down after it.
+SCENARIO ?= mixed
+.PHONY: loadtest
+loadtest: setup
+	$(PY) -m loadtests.run --scenario $(SCENARIO)

@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the request JSON Schema")
     schema.set_defaults(func=cmd_schema)
+
+    from .deploy.k8s import add_arguments as add_k8s_arguments
+
+    add_k8s_arguments(sub.add_parser("k8s", help="render and check the KubeRay manifests under k8s/"))
     return parser
 
 

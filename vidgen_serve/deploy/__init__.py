@@ -1,0 +1,1 @@
+"""Deployment tooling: Kubernetes (KubeRay) manifests rendered from the repository's serve config."""
