@@ -194,3 +194,25 @@ def test_s3_content_streams_with_range_or_redirects(tmp_path, s3_server, bucket)
                     assert whole.status_code == 200 and whole.content == VIDEO
 
     asyncio.run(body())
+
+
+def test_a_bucket_that_does_not_exist_fails_the_replica_start(tmp_path, s3_server):
+    """What Serve awaits when it starts an ingress or decoder replica: the bad bucket is named there."""
+    from fake_handles import make_stages
+
+    from vidgen_serve.errors import VidgenError
+    from vidgen_serve.serving.ingress import Ingress
+    from vidgen_serve.serving.stages import DecoderDeployment
+
+    settings = _settings(tmp_path, artifact_store="s3://no-such-vidgen-bucket/x", s3_endpoint_url=s3_server)
+    orch = make_stages([])
+
+    async def body():
+        ingress = object.__new__(Ingress)
+        with pytest.raises(VidgenError, match="the bucket 'no-such-vidgen-bucket' does not exist"):
+            await ingress.__init__(settings, orch.text_encoder, orch.denoisers, orch.decoder, orch.router)
+        decoder = object.__new__(DecoderDeployment)
+        with pytest.raises(VidgenError, match="no-such-vidgen-bucket"):
+            await decoder.__init__(settings.model, settings)
+
+    asyncio.run(body())

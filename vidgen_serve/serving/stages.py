@@ -178,13 +178,13 @@ class DecoderDeployment(_QueueDepthStats):
 
     async def __init__(self, config: AppConfig, settings: Any = None):
         configure_tracing()
+        self.artifacts = None
+        if settings is not None:  # checked before the model loads: a bad store fails fast
+            self.artifacts = settings.open_artifact_store()
+            await self.artifacts.start()
         self.stage = Decoder(config)
         self.metrics = StageMetrics("decode")
         self._watch_queue(settings)
-        self.artifacts = None
-        if settings is not None:
-            self.artifacts = settings.open_artifact_store()
-            await self.artifacts.start()
 
     async def decode(
         self, plan: GenerationPlan, latents: Any, carrier: dict | None = None
