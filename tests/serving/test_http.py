@@ -196,8 +196,11 @@ def test_s3_content_streams_with_range_or_redirects(tmp_path, s3_server, bucket)
     asyncio.run(body())
 
 
-def test_a_bucket_that_does_not_exist_fails_the_replica_start(tmp_path, s3_server):
-    """What Serve awaits when it starts an ingress or decoder replica: the bad bucket is named there."""
+def test_a_broken_store_fails_the_replica_start_naming_it(tmp_path, s3_server):
+    """What Serve awaits when it starts an ingress or decoder replica: an unreachable job store
+    or a bucket that does not exist fails the constructor with a message naming it (Serve
+    then marks the deployment DEPLOY_FAILED with that message: the app never reports ready)."""
+    import socket
     from fake_handles import make_stages
 
     from vidgen_serve.errors import VidgenError
@@ -207,7 +210,14 @@ def test_a_bucket_that_does_not_exist_fails_the_replica_start(tmp_path, s3_serve
     settings = _settings(tmp_path, artifact_store="s3://no-such-vidgen-bucket/x", s3_endpoint_url=s3_server)
     orch = make_stages([])
 
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+
     async def body():
+        ingress = object.__new__(Ingress)
+        with pytest.raises(VidgenError, match=f"cannot reach job_store {url}"):
+            await ingress.__init__(_settings(tmp_path, job_store=url), orch.text_encoder, orch.denoisers, orch.decoder)
         ingress = object.__new__(Ingress)
         with pytest.raises(VidgenError, match="the bucket 'no-such-vidgen-bucket' does not exist"):
             await ingress.__init__(settings, orch.text_encoder, orch.denoisers, orch.decoder, orch.router)

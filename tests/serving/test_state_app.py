@@ -1,5 +1,4 @@
-"""The state pieces on a local Ray cluster: queue-driven autoscaling of the Denoiser, and an
-unreachable job store failing the application's start.
+"""Queue-driven autoscaling of the Denoiser on a local Ray cluster.
 
 Dispatch is held deterministically (`max_running_jobs: 0`: the ingress accepts jobs and
 runs none), so the scale-up can only come from the queue, never from denoise requests.
@@ -100,23 +99,3 @@ def test_queued_jobs_scale_the_denoiser_before_dispatch(cluster, redis_namespace
         _wait(lambda: _denoiser_replicas("scaling") == {"RUNNING": 1}, "the Denoiser to scale back to 1")
     finally:
         serve.delete("scaling")
-
-
-def test_an_unreachable_job_store_fails_the_start_naming_it(cluster, tmp_path):
-    from ray import serve
-
-    from vidgen_serve.serve import build_app
-
-    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
-    app = build_app({"state_dir": str(tmp_path), "job_store": url, "standby": False},
-                    {"TextEncoder": ONE, "Denoiser": ONE, "Decoder": ONE})
-    try:
-        with pytest.raises(RuntimeError) as info:
-            serve.run(app, name="broken", route_prefix="/broken")
-        assert "Ingress" in str(info.value)
-        status = serve.status().applications["broken"]
-        assert status.status == "DEPLOY_FAILED"
-        message = status.deployments["Ingress"].message
-        assert f"cannot reach job_store {url}" in message, message
-    finally:
-        serve.delete("broken")
