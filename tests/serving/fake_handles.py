@@ -66,9 +66,10 @@ def make_stages(calls, *, denoise=None, standby_denoise=None, route="primary", d
     async def encode(plan, carrier):
         return SimpleNamespace(cache_misses=1), {"text_encode": 0.01}
 
-    async def default_denoise(plan, embeddings, carrier):
+    async def default_denoise(plan, embeddings, carrier, progress=True):
         for step in (1, 2):
-            yield {"progress": {"step": step, "steps": 2, "window": 1, "windows": 1}}
+            if progress:
+                yield {"progress": {"step": step, "steps": 2, "window": 1, "windows": 1}}
         yield {"latents": "LATENTS", "timings": {"denoise": 0.02}}
 
     async def default_decode(plan, latents, carrier):

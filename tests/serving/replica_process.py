@@ -33,7 +33,7 @@ async def main(redis_url: str, namespace: str, state_dir: str, owner: str, max_r
     artifacts = settings.open_artifact_store()
     await artifacts.start()
 
-    async def denoise(plan, embeddings, carrier):
+    async def denoise(plan, embeddings, carrier, progress=True):
         for step in (1, 2):
             yield {"progress": {"step": step, "steps": 2, "window": 1, "windows": 1}}
         await control.rpush(prefix + "started", f"{owner}:{plan.seed}")

@@ -46,12 +46,14 @@ def test_generate_runs_the_stages_in_order(plan):
     stored = asyncio.run(orch.generate(plan, artifact_key="k.mp4"))
     assert stored.mp4 is None and stored.artifact == "k.mp4" and stored.timings["store"] == 0.001
     assert ("decode_to_store", ) == tuple(c[0] for c in calls if c[0] == "decode_to_store")
+    # Progress events are asked for only when someone listens (each is a round trip through Ray).
+    assert [args[3] for name, args in calls if name == "denoise"] == [True, False]
 
 
 def test_a_failed_denoise_is_retried_on_the_other_target(plan):
     calls: list = []
 
-    async def broken(plan, embeddings, carrier):
+    async def broken(plan, embeddings, carrier, progress=True):
         raise VidgenError(503, "primary is down", code="stage_unavailable")
         yield  # an async generator, like the real one
 
@@ -64,7 +66,7 @@ def test_a_failed_denoise_is_retried_on_the_other_target(plan):
 def test_client_errors_are_not_retried_and_cancel_stops_the_stream(plan):
     calls: list = []
 
-    async def bad_request(plan, embeddings, carrier):
+    async def bad_request(plan, embeddings, carrier, progress=True):
         raise VidgenError(422, "bad", code="invalid_request")
         yield
 

@@ -121,7 +121,8 @@ class GenerationOrchestrator:
 
     async def _denoise_on(self, target: str, plan: GenerationPlan, embeddings: Any, carrier: dict,
                           on_progress: ProgressCallback | None) -> tuple[Any, dict[str, float], str]:
-        gen = self.denoisers[target].options(stream=True).denoise.remote(plan, embeddings, carrier)
+        gen = self.denoisers[target].options(stream=True).denoise.remote(plan, embeddings, carrier,
+                                                                         on_progress is not None)
         t0 = time.perf_counter()
         latents, timings, outcome = None, {}, "error"
         try:

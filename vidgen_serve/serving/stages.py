@@ -92,7 +92,9 @@ class DenoiserDeployment(_QueueDepthStats):
     """Serve wrapper of `Denoiser` (or of a tensor-parallel group of them).
 
     `denoise` is an async generator: it yields {"progress": ...} after every (step,
-    window) unit and finally {"latents": ..., "timings": ...}. Each unit runs on this
+    window) unit (unless the caller passes progress=False: each item is a round trip
+    through Ray, and a sync request has nobody to show them to) and finally
+    {"latents": ..., "timings": ...}. Each unit runs on this
     replica's worker thread; when the caller cancels (client gone, deadline, DELETE),
     the generator stops at the next unit boundary.
     """
@@ -121,7 +123,7 @@ class DenoiserDeployment(_QueueDepthStats):
             logger.warning("fault injection active on %s denoiser: %s", self.role, self.faults.model_dump())
 
     async def denoise(
-        self, plan: GenerationPlan, embeddings: PromptEmbeddings, carrier: dict | None = None
+        self, plan: GenerationPlan, embeddings: PromptEmbeddings, carrier: dict | None = None, progress: bool = True
     ) -> AsyncIterator[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         with stage_call(self.metrics, carrier, self.device_type, role=self.role, steps=plan.num_inference_steps,
@@ -135,7 +137,8 @@ class DenoiserDeployment(_QueueDepthStats):
                 try:
                     while not run.done:
                         event = await loop.run_in_executor(self._executor, run.advance)
-                        yield {"progress": event}
+                        if progress:
+                            yield {"progress": event}
                     latents = await loop.run_in_executor(self._executor, run.latents)
                 finally:
                     release = getattr(run, "release", None)  # TP runs hold state on every rank
