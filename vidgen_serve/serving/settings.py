@@ -95,15 +95,3 @@ class ServeSettings(BaseModel):
 
         return open_artifact_store(self.artifact_store, self.state_dir, s3_endpoint_url=self.s3_endpoint_url,
                                    s3_region=self.s3_region)
-
-    @property
-    def jobs_db_path(self) -> Path:
-        from ..state.jobs import parse_job_store_url
-
-        return Path(parse_job_store_url(self.job_store, self.state_dir)[1])
-
-    @property
-    def artifacts_path(self) -> Path:
-        from ..state.artifacts import parse_artifact_store_url
-
-        return Path(parse_artifact_store_url(self.artifact_store, self.state_dir)[1])
