@@ -228,3 +228,17 @@ def test_a_stalled_replica_loses_its_job_to_exactly_one_other(tmp_path, plan):
         await store_b.close()
 
     asyncio.run(body())
+
+
+def test_a_job_whose_plan_no_longer_validates_fails_with_a_reason(tmp_path):
+    async def body():
+        settings = _settings(tmp_path)
+        store = settings.open_job_store()
+        await store.start()
+        job = await store.create({}, {"seed": 1}, "k")  # e.g. written by an older version
+        runner = JobRunner(store, HeldOrchestrator(), settings)
+        await _tick_until(runner, lambda: _state_is(store, job.id, FAILED))
+        assert (await store.get(job.id)).error == "internal error"
+        await store.close()
+
+    asyncio.run(body())

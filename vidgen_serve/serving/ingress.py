@@ -12,6 +12,7 @@ services below. The pieces it holds:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -181,7 +182,8 @@ class Ingress:
             info["job_store"] = exc.message
         try:
             app_name = serve.get_replica_context().app_name
-            status = serve.status().applications[app_name]
+            # serve.status() waits on the controller: on a thread, not on this loop.
+            status = (await asyncio.to_thread(serve.status)).applications[app_name]
             info["deployments"] = {name: d.status for name, d in status.deployments.items()}
             ready = ready and all(s == "HEALTHY" for s in info["deployments"].values())
         except Exception as exc:  # noqa: BLE001 - report, don't raise

@@ -192,7 +192,6 @@ class JobRunner:
                 await asyncio.sleep(0.5)
 
     async def _run(self, job: Job) -> None:
-        plan = GenerationPlan.model_validate(job.plan)
         key = artifact_key(job.id)
 
         async def on_stage(stage: str) -> None:
@@ -203,6 +202,7 @@ class JobRunner:
 
         timeout = self.settings.request_timeout_s
         try:
+            plan = GenerationPlan.model_validate(job.plan)
             result = await asyncio.wait_for(
                 self.orchestrator.generate(plan, artifact_key=key, on_stage=on_stage, on_progress=on_progress),
                 timeout=timeout)
