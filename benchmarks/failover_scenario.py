@@ -38,7 +38,7 @@ def main() -> None:
     from ray import serve
 
     from vidgen_serve.drill import failover_drill
-    from vidgen_serve.parallel.tensor_parallel import find_free_port
+    from vidgen_serve.net import find_free_port
 
     port = find_free_port()
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())

@@ -119,3 +119,23 @@ def test_profile_limits_in_cli(tmp_path, capsys):
     code, err = run_main(capsys, "generate", "--prompt", "a", "--output", str(tmp_path))
     assert code != 0 and "is a directory" in err
     assert os.listdir(tmp_path) == []
+
+
+def test_bad_parallel_layouts_fail_before_any_model_loads(tmp_path, capsys):
+    """``--parallel`` / ``--tp`` errors name the flag or field and the valid values; nothing runs."""
+    out = str(tmp_path / "v.mp4")
+    cases = [
+        (["--parallel", "fsdp=2"], ["--parallel", "tp, ulysses, cfg"]),
+        (["--parallel", "tp=two"], ["--parallel", "tp='two' is not an integer"]),
+        (["--parallel", "cfg=3"], ["parallel.cfg", "1 or 2"]),
+        (["--parallel", "ulysses=3"], ["parallel.ulysses=3", "num_attention_heads=4", "valid ulysses with tp=1: [1, 2, 4]"]),
+        (["--parallel", "tp=2,ulysses=4"], ["tp*ulysses=8", "valid ulysses with tp=2: [1, 2]"]),
+        (["--tp", "3"], ["parallel.tp=3", "valid sizes: [1, 2, 4]"]),
+        (["--tp", "2", "--parallel", "tp=4"], ["--tp 2 conflicts with --parallel tp=4"]),
+    ]
+    for flags, expected in cases:
+        code, err = run_main(capsys, "generate", "--prompt", "a cat", *flags, "--output", out)
+        assert code != 0, flags
+        for text in expected:
+            assert text in err, (flags, err)
+    assert os.listdir(tmp_path) == []

@@ -44,12 +44,46 @@ def _request_body(args: argparse.Namespace) -> dict:
     return body
 
 
+PARALLEL_KEYS = ("tp", "ulysses", "cfg")
+
+
+def parse_parallel(text: str | None, tp: int | None = None) -> dict[str, int] | None:
+    """``--parallel tp=2,cfg=2`` (and ``--tp N``, its short form for ``tp=N``) as a layout dict.
+
+    Raises `VidgenError` naming the flag and the valid keys for a malformed value.
+    """
+    if text is None and tp is None:
+        return None
+    layout: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in PARALLEL_KEYS:
+            raise VidgenError(400, f"--parallel {text!r}: {item.strip()!r} is not KEY=N with KEY one of "
+                                   f"{', '.join(PARALLEL_KEYS)} (e.g. --parallel tp=2,cfg=2)")
+        if key in layout:
+            raise VidgenError(400, f"--parallel {text!r}: {key} given twice")
+        try:
+            layout[key] = int(value)
+        except ValueError:
+            raise VidgenError(400, f"--parallel {text!r}: {key}={value.strip()!r} is not an integer") from None
+    if tp is not None:
+        if layout.get("tp", tp) != tp:
+            raise VidgenError(400, f"--tp {tp} conflicts with --parallel tp={layout['tp']} (--tp N is short for "
+                                   f"--parallel tp=N: give one)")
+        layout["tp"] = tp
+    return layout
+
+
 def _config(args: argparse.Namespace):
     from .config import AppConfig
 
     overrides = {}
-    if getattr(args, "tp", None):
-        overrides["tensor_parallel_size"] = args.tp
+    layout = parse_parallel(getattr(args, "parallel", None), getattr(args, "tp", None))
+    if layout is not None:
+        overrides["parallel"] = layout
     return AppConfig(profile=args.profile, profile_overrides=overrides)
 
 
@@ -67,7 +101,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         config = _config(args)
     except ValidationError as exc:
-        raise VidgenError(422, f"invalid configuration: {exc.errors(include_url=False)[0]['msg']}") from None
+        error = exc.errors(include_url=False)[0]
+        field = ".".join(str(part) for part in error["loc"])  # e.g. parallel.cfg
+        raise VidgenError(422, f"invalid configuration: {field + ': ' if field else ''}{error['msg']}") from None
     request = parse_request(_request_body(args))
     plan = build_plan(request, config)  # validate before loading any model
 
@@ -78,10 +114,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import VideoPipeline
 
     denoiser = None
-    if config.model_profile.tensor_parallel_size > 1:
-        from .parallel.local import LocalTensorParallelDenoiser
+    if config.model_profile.parallel.size > 1:
+        from .parallel.local import LocalParallelDenoiser
 
-        denoiser = LocalTensorParallelDenoiser(config)
+        denoiser = LocalParallelDenoiser(config)
     pipeline = VideoPipeline(config, denoiser=denoiser)
     total = plan.num_inference_steps * len(plan.windows)
     bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, disable=args.quiet)
@@ -238,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", dest="num_inference_steps", type=int)
     gen.add_argument("--guidance-scale", dest="guidance_scale", type=float)
     gen.add_argument("--profile", default=os.environ.get("VIDGEN_PROFILE", "tiny"))
-    gen.add_argument("--tp", type=int, help="tensor-parallel ranks for the denoiser (local process group)")
+    gen.add_argument("--parallel", metavar="tp=N,ulysses=N,cfg=N",
+                     help="the denoiser's worker group layout (local process group), e.g. cfg=2, ulysses=2, "
+                          "tp=2,cfg=2; the product is the number of ranks")
+    gen.add_argument("--tp", type=int, help="tensor-parallel ranks: short for --parallel tp=N")
     gen.add_argument("--output", "-o", required=True, help="MP4 file to write")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)

@@ -79,6 +79,31 @@ DEFAULT_STYLES: dict[str, StylePreset] = {
 }
 
 
+class ParallelLayout(BaseModel):
+    """How the denoiser's worker group splits the work; the group has ``tp * ulysses * cfg`` ranks.
+
+    Ranks are laid out with ``tp`` innermost (its all-reduces are the most frequent), then
+    ``ulysses``, then ``cfg``: rank = (cfg_index * ulysses + ulysses_index) * tp + tp_index.
+    See docs/parallel.md.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tp: int = Field(1, ge=1, le=16, description="Tensor-parallel ranks: DeepSpeed shards each linear (heads/tp per rank).")
+    ulysses: int = Field(
+        1, ge=1, le=16,
+        description="Ulysses sequence-parallel ranks: tokens split across ranks, all-to-all to heads around self-attention.",
+    )
+    cfg: Literal[1, 2] = Field(
+        1, description="Classifier-free-guidance ranks: 2 runs the conditional and unconditional passes on two rank sets."
+    )
+
+    @property
+    def size(self) -> int:
+        """Ranks in the group (the product of the three degrees)."""
+        return self.tp * self.ulysses * self.cfg
+
+
 class ModelProfile(BaseModel):
     """A model checkpoint and how to run it (device, dtype, native sizes, limits)."""
 
@@ -112,15 +137,40 @@ class ModelProfile(BaseModel):
     default_guidance_scale: float = Field(ge=1.0, description="Default classifier-free guidance scale.")
     max_guidance_scale: float = Field(ge=1.0, description="Upper bound on guidance_scale.")
     max_sequence_length: int = Field(ge=8, description="Text encoder token limit (prompt is truncated past it).")
-    num_attention_heads: int = Field(ge=1, description="Transformer attention heads (checked against TP size).")
-    tensor_parallel_size: int = Field(1, ge=1, le=16, description="Ranks the denoiser transformer is sharded over.")
-    gpus_per_node: int = Field(8, ge=1, description="GPUs on one node: the TP group must fit one node.")
+    num_attention_heads: int = Field(ge=1, description="Transformer attention heads (checked against the parallel layout).")
+    parallel: ParallelLayout = Field(
+        default_factory=ParallelLayout,
+        description="Layout of the denoiser's worker group {tp, ulysses, cfg}; `tensor_parallel_size: N` is "
+        "accepted as the short form of `parallel: {tp: N}`.",
+    )
+    gpus_per_node: int = Field(8, ge=1, description="GPUs on one node: the denoiser's worker group must fit one node.")
     text_cache_size: int = Field(256, ge=0, description="Prompt embeddings kept in the text encoder's LRU cache.")
     x264_preset: str = Field("veryfast", description="libx264 preset for the MP4 encode.")
     x264_crf: int = Field(20, ge=0, le=51, description="libx264 constant rate factor.")
     interpolation: Literal["mci", "blend"] = Field(
         "mci", description="ffmpeg minterpolate mode for frame-rate conversion (mci = motion compensated)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensor_parallel_size_alias(cls, data):
+        """``tensor_parallel_size: N`` is the short form of ``parallel: {tp: N}`` (merged with a given layout)."""
+        if not isinstance(data, dict) or "tensor_parallel_size" not in data:
+            return data
+        data = dict(data)
+        tp = data.pop("tensor_parallel_size")
+        layout = data.get("parallel")
+        layout = layout.model_dump(exclude_unset=True) if isinstance(layout, ParallelLayout) else dict(layout or {})
+        if "tp" in layout and layout["tp"] != tp:
+            raise ValueError(f"tensor_parallel_size={tp} conflicts with parallel.tp={layout['tp']} "
+                             f"(tensor_parallel_size is the short form of parallel.tp: give one)")
+        data["parallel"] = {**layout, "tp": tp}
+        return data
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """``parallel.tp`` (the name the tensor-parallel code and older configs use)."""
+        return self.parallel.tp
 
     @model_validator(mode="after")
     def _check(self) -> "ModelProfile":
@@ -133,7 +183,7 @@ class ModelProfile(BaseModel):
             raise ValueError(f"default_steps={self.default_steps} exceeds max_steps={self.max_steps}")
         if self.default_guidance_scale > self.max_guidance_scale:
             raise ValueError("default_guidance_scale exceeds max_guidance_scale")
-        check_tensor_parallel(self)
+        check_parallel(self)
         return self
 
 
@@ -144,29 +194,44 @@ def valid_tp_sizes(profile: ModelProfile) -> list[int]:
     return [n for n in range(1, limit + 1) if heads % n == 0]
 
 
-def check_tensor_parallel(profile: ModelProfile) -> int:
-    """The profile's ``tensor_parallel_size``, checked; ``ValueError`` naming heads and valid sizes.
+def check_parallel(profile: ModelProfile) -> ParallelLayout:
+    """The profile's parallel layout, checked; ``ValueError`` naming the field and the valid values.
 
-    The size must divide ``num_attention_heads`` (each rank attends with heads/N heads) and, on
-    GPU profiles, fit one node (``gpus_per_node``). `ModelProfile` runs this when validated; the
-    tensor-parallel group runs it again before starting workers (for unvalidated profiles).
+    ``tp * ulysses`` must divide ``num_attention_heads`` (each rank attends with
+    heads/(tp*ulysses) heads: TP splits the heads, Ulysses' all-to-all splits them again) and, on
+    GPU profiles, ``tp * ulysses * cfg`` must fit one node (``gpus_per_node``). `ModelProfile` runs
+    this when validated; the worker group runs it again before starting workers (for profiles
+    built without validation). ``cfg`` is 1 or 2 (checked by the field).
     """
-    tp = int(profile.tensor_parallel_size)
+    layout = profile.parallel
     heads = int(profile.num_attention_heads)
-    valid = valid_tp_sizes(profile)
-    if tp < 1:
-        raise ValueError(f"tensor_parallel_size={tp} must be >= 1 (valid sizes: {valid})")
+    tp, ulysses = int(layout.tp), int(layout.ulysses)
+    valid_tp = valid_tp_sizes(profile)
+    if tp < 1 or ulysses < 1:
+        raise ValueError(f"parallel.tp={tp} and parallel.ulysses={ulysses} must be >= 1")
     if heads % tp:
         raise ValueError(
-            f"profile {profile.name!r}: tensor_parallel_size={tp} must divide num_attention_heads={heads} "
-            f"(each rank attends with heads/N heads; valid sizes: {valid})"
+            f"profile {profile.name!r}: parallel.tp={tp} (tensor_parallel_size) must divide "
+            f"num_attention_heads={heads} (each rank attends with heads/tp heads; valid sizes: {valid_tp})"
         )
-    if profile.device == "cuda" and tp > profile.gpus_per_node:
+    if heads % (tp * ulysses):
+        valid_u = [u for u in range(1, heads // tp + 1) if (heads // tp) % u == 0]
         raise ValueError(
-            f"profile {profile.name!r}: tensor_parallel_size={tp} exceeds gpus_per_node={profile.gpus_per_node} "
-            f"(a tensor-parallel group must fit one node; valid sizes: {valid})"
+            f"profile {profile.name!r}: parallel.ulysses={ulysses} with tp={tp} needs num_attention_heads={heads} "
+            f"divisible by tp*ulysses={tp * ulysses} (each rank attends with heads/(tp*ulysses) heads; "
+            f"valid ulysses with tp={tp}: {valid_u})"
         )
-    return tp
+    if profile.device == "cuda" and layout.size > profile.gpus_per_node:
+        raise ValueError(
+            f"profile {profile.name!r}: parallel tp*ulysses*cfg = {tp}*{ulysses}*{layout.cfg} = {layout.size} ranks "
+            f"exceeds gpus_per_node={profile.gpus_per_node} (the worker group must fit one node, one GPU per rank)"
+        )
+    return layout
+
+
+def check_tensor_parallel(profile: ModelProfile) -> int:
+    """``check_parallel(profile).tp`` (kept for callers that only shard over TP)."""
+    return check_parallel(profile).tp
 
 
 _TINY_SIZES = {"16:9": (112, 64), "9:16": (64, 112), "1:1": (80, 80)}
@@ -222,10 +287,17 @@ PROFILES: dict[str, ModelProfile] = {
         max_guidance_scale=20.0,
         max_sequence_length=512,
         num_attention_heads=40,
-        tensor_parallel_size=8,
+        parallel=ParallelLayout(tp=8),
         x264_preset="medium",
     ),
 }
+# The same 14B model on 8 GPUs with the layout that is fastest on paper for 720p on 8xA100
+# (benchmarks/tp_paper.py, docs/parallel.md): Ulysses over 4 ranks x CFG over 2. Every GPU holds
+# the whole bf16 transformer (28.6 GB), so it needs 80 GB cards; `wan2.1-14b-tp8` (3.6 GB of
+# weights per GPU) stays the product's TP=8 layout.
+PROFILES["wan2.1-14b-8gpu"] = ModelProfile.model_validate(
+    {**PROFILES["wan2.1-14b-tp8"].model_dump(), "name": "wan2.1-14b-8gpu", "parallel": {"ulysses": 4, "cfg": 2}}
+)
 
 
 def default_cache_dir() -> Path:
@@ -240,7 +312,8 @@ class AppConfig(BaseModel):
 
     profile: str = Field("tiny", description=f"Model profile name ({', '.join(PROFILES)}).")
     profile_overrides: dict = Field(
-        default_factory=dict, description="Fields overriding the named profile (e.g. tensor_parallel_size)."
+        default_factory=dict, description="Fields overriding the named profile (e.g. parallel: {ulysses: 2}, "
+        "tensor_parallel_size: 2)."
     )
     styles: dict[str, StylePreset] = Field(
         default_factory=lambda: dict(DEFAULT_STYLES), description="Style presets by name."
@@ -258,5 +331,9 @@ class AppConfig(BaseModel):
     def model_profile(self) -> ModelProfile:
         """The named profile with overrides applied (validated)."""
         base = PROFILES[self.profile].model_dump()
-        base.update(self.profile_overrides)
+        overrides = dict(self.profile_overrides)
+        if "tensor_parallel_size" in overrides:
+            # The short form of `parallel: {tp: N}` replaces the profile's layout as `parallel` would.
+            base.pop("parallel")
+        base.update(overrides)
         return ModelProfile.model_validate(base)

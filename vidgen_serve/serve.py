@@ -20,7 +20,7 @@ def deployment_defaults(settings: ServeSettings) -> dict[str, dict[str, Any]]:
     """Default Serve options per deployment, from the profile (CPU shares or GPUs)."""
     profile = settings.model.model_profile
     gpu = profile.device == "cuda"
-    tp = profile.tensor_parallel_size
+    ranks = profile.parallel.size  # the Denoiser's worker group ({tp, ulysses, cfg})
 
     def stage(cpu: float, max_ongoing: int, max_queued: int, max_replicas: int) -> dict[str, Any]:
         # Queued jobs count as work: see serving/autoscaling.py.
@@ -42,7 +42,7 @@ def deployment_defaults(settings: ServeSettings) -> dict[str, dict[str, Any]]:
         }
 
     denoiser = stage(1 if gpu else 0.2, 1, 8, 4)
-    if tp > 1:
+    if ranks > 1:
         from .parallel.group import placement_group_bundles
 
         # The replica holds bundle 0; its rank workers take bundles 1..N on one node.

@@ -1,8 +1,9 @@
 """Tensor-parallel sharding of the tiny Wan transformer, on real 2-rank gloo groups.
 
-No mocks: every group test spawns 2 local processes, forms a gloo group, and shards with
-DeepSpeed's ``init_inference``.  One group run (module fixture) feeds the equivalence,
-parameter-count and "distributed RMSNorm is required" tests to keep the file fast.
+No mocks: every group test runs on local rank processes (the shared ``rank_pool``) that form a
+gloo group and shard with DeepSpeed's ``init_inference``.  One group run (module fixture) feeds
+the equivalence, parameter-count and "distributed RMSNorm is required" tests to keep the file
+fast; the harness's failure reporting is tested on one-shot groups of their own.
 """
 
 from __future__ import annotations
@@ -13,13 +14,10 @@ import time
 import pytest
 import torch
 
+from rank_pool import run_local_tp_group
+
 from vidgen_serve.models.tiny import TRANSFORMER_CONFIG
-from vidgen_serve.parallel import (
-    DistributedRMSNorm,
-    parameter_bytes,
-    run_local_tp_group,
-    shard_wan_transformer,
-)
+from vidgen_serve.parallel import DistributedRMSNorm, parameter_bytes, shard_wan_transformer
 
 TINY_CONFIG = TRANSFORMER_CONFIG  # exactly the tiny profile's transformer
 
@@ -121,9 +119,9 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def sharded(reference):
+def sharded(reference, rank_pool):
     _, state_dict, inputs, _ = reference
-    return run_local_tp_group(_shard_and_compare_worker, 2, state_dict, inputs, timeout=240)
+    return rank_pool().run(_shard_and_compare_worker, 2, state_dict, inputs, timeout=240)
 
 
 # --- tests ------------------------------------------------------------------------------------
@@ -191,9 +189,11 @@ def test_tp1_keeps_fp32_modules():
     assert out.blocks[0].scale_shift_table.dtype == torch.float32
 
 
-def test_run_local_tp_group_returns_rank0_result():
-    res = run_local_tp_group(_ok_worker, 2, "payload", timeout=120)
-    assert res == {"rank": 0, "sum": 3.0, "x": "payload"}
+def test_rank_pool_returns_rank0_result_and_reuses_processes(rank_pool):
+    pool = rank_pool()
+    assert pool.run(_ok_worker, 2, "payload", timeout=120) == {"rank": 0, "sum": 3.0, "x": "payload"}
+    # The same processes form a group of another size next: 1 + 2 + 3 + 4.
+    assert pool.run(_ok_worker, 4, "again", timeout=120) == {"rank": 0, "sum": 10.0, "x": "again"}
 
 
 def test_failing_rank_raises_quickly():

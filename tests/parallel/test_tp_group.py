@@ -23,11 +23,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from vidgen_serve.config import PROFILES, AppConfig, ModelProfile
+from vidgen_serve.config import PROFILES, AppConfig, ModelProfile, ParallelLayout
 from vidgen_serve.parallel.group import (
     TensorParallelDenoiser,
     placement_group_bundles,
     valid_tp_sizes,
+    validate_layout,
     validate_tp,
 )
 from vidgen_serve.parallel.tensor_parallel import parameter_bytes
@@ -48,7 +49,7 @@ def _plan(config: AppConfig, duration: float, seed: int = 7):
     return build_plan(parse_request(body), config)
 
 
-def _actors(class_name: str = "TensorParallelWorker") -> dict[str, dict]:
+def _actors(class_name: str = "ParallelWorker") -> dict[str, dict]:
     import ray._private.state
 
     return {aid: a for aid, a in ray._private.state.actors().items() if a.get("ActorClassName") == class_name}
@@ -147,7 +148,7 @@ def test_bad_tp_degree_is_a_clear_config_error():
     with pytest.raises(ValidationError) as info:
         AppConfig(profile_overrides={"tensor_parallel_size": 3})
     message = str(info.value)
-    assert "tensor_parallel_size=3" in message and "num_attention_heads=4" in message, message
+    assert "parallel.tp=3 (tensor_parallel_size)" in message and "num_attention_heads=4" in message, message
     assert "[1, 2, 4]" in message, message
     # A GPU profile's group must fit one node.
     with pytest.raises(ValidationError, match="gpus_per_node=8"):
@@ -155,15 +156,22 @@ def test_bad_tp_degree_is_a_clear_config_error():
 
 
 def test_validate_tp_on_unvalidated_profiles_raises_before_workers(ray_cluster):
-    bad = ModelProfile.model_construct(**{**PROFILES["tiny"].model_dump(), "tensor_parallel_size": 3})
+    bad = ModelProfile.model_construct(**{**PROFILES["tiny"].model_dump(), "parallel": ParallelLayout.model_construct(tp=3, ulysses=1, cfg=1)})
     with pytest.raises(ValueError, match=r"num_attention_heads=4.*valid sizes: \[1, 2, 4\]"):
         validate_tp(bad)
     with pytest.raises(ValueError, match="num_attention_heads=4"):
         placement_group_bundles(bad)
-    gpu = ModelProfile.model_construct(**{**PROFILES["wan2.1-14b-tp8"].model_dump(), "tensor_parallel_size": 20})
+    gpu = ModelProfile.model_construct(**{**PROFILES["wan2.1-14b-tp8"].model_dump(), "parallel": ParallelLayout.model_construct(tp=20, ulysses=1, cfg=1)})
     with pytest.raises(ValueError, match="gpus_per_node=8"):
         validate_tp(gpu)
     assert valid_tp_sizes(PROFILES["wan2.1-14b-tp8"]) == [1, 2, 4, 5, 8]
+    # Layouts other than TP: the heads must divide by tp*ulysses, the ranks fit the node.
+    uly = ModelProfile.model_construct(**{**PROFILES["tiny"].model_dump(), "parallel": ParallelLayout.model_construct(tp=2, ulysses=4, cfg=1)})
+    with pytest.raises(ValueError, match=r"parallel.ulysses=4 with tp=2.*tp\*ulysses=8.*valid ulysses with tp=2: \[1, 2\]"):
+        validate_layout(uly)
+    wide = ModelProfile.model_construct(**{**PROFILES["wan2.1-14b-tp8"].model_dump(), "parallel": ParallelLayout.model_construct(tp=1, ulysses=8, cfg=2)})
+    with pytest.raises(ValueError, match=r"1\*8\*2 = 16 ranks exceeds gpus_per_node=8"):
+        validate_layout(wide)
 
     # The front validates before it reserves anything or starts a worker.
     config = AppConfig()
@@ -261,7 +269,7 @@ def test_killed_rank_fails_clearly_and_group_is_replaceable(ray_cluster, group, 
 
     assert _wait_for(dead, timeout=20)
     t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"tensor-parallel rank 1 died"):
+    with pytest.raises(RuntimeError, match=r"parallel rank 1 died"):
         run.advance()
     assert time.monotonic() - t0 < 30, "a dead rank must be reported promptly, not after a collective timeout"
     with pytest.raises(RuntimeError, match="rank 1"):
@@ -301,22 +309,23 @@ def _decode_mp4(path) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_cli_tp2_matches_tp1(tmp_path, pipeline, tiny_config):
-    """``vidgen-serve generate --tp 2`` writes the same video as ``--tp 1``.
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--parallel", "ulysses=2"]], ids=["tp2", "ulysses2"])
+def test_cli_parallel_layout_matches_one_rank(tmp_path, pipeline, tiny_config, layout):
+    """``vidgen-serve generate --tp 2`` / ``--parallel ulysses=2`` write the same video as one rank.
 
-    ``--tp 1`` is exactly ``VideoPipeline(config).generate(plan, output)``, so it runs in-process
-    here (the session pipeline) and only the ``--tp 2`` run pays for a subprocess + local Ray.
+    One rank is exactly ``VideoPipeline(config).generate(plan, output)``, so it runs in-process
+    here (the session pipeline) and only the parallel run pays for a subprocess + local Ray.
     """
     tp1 = tmp_path / "tp1.mp4"
     pipeline.generate(_plan(tiny_config, 2), tp1)
-    tp2 = tmp_path / "tp2.mp4"
+    out = tmp_path / "parallel.mp4"
     cmd = [sys.executable, "-m", "vidgen_serve.cli", "generate", "--prompt", PROMPT, "--duration", "2",
-           "--resolution", "480p", "--seed", "7", "--tp", "2", "--output", str(tp2), "--quiet"]
+           "--resolution", "480p", "--seed", "7", *layout, "--output", str(out), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=dict(os.environ))
-    assert proc.returncode == 0, f"--tp 2 failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    assert tp2.is_file() and tp2.stat().st_size > 0
-    if tp1.read_bytes() == tp2.read_bytes():
+    assert proc.returncode == 0, f"{' '.join(layout)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    assert out.is_file() and out.stat().st_size > 0
+    if tp1.read_bytes() == out.read_bytes():
         return  # byte-identical MP4
-    a, b = _decode_mp4(tp1), _decode_mp4(tp2)
+    a, b = _decode_mp4(tp1), _decode_mp4(out)
     mismatch = _compare_frames(a, b)
-    assert mismatch < MAX_PIXEL_MISMATCH, f"{mismatch:.4%} of decoded pixels differ between --tp 1 and --tp 2"
+    assert mismatch < MAX_PIXEL_MISMATCH, f"{mismatch:.4%} of decoded pixels differ between one rank and {layout}"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from vidgen_serve.parallel.tensor_parallel import find_free_port
+from vidgen_serve.net import find_free_port
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def _tp_workers() -> dict:
     import ray._private.state
 
     return {aid: a for aid, a in ray._private.state.actors().items()
-            if a.get("ActorClassName") == "TensorParallelWorker"}
+            if a.get("ActorClassName") == "ParallelWorker"}
 
 
 def _live_placement_groups() -> list:
@@ -83,7 +83,7 @@ def test_tp2_app_serves_the_product_guide_call_and_cleans_up(tmp_path):
                        headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300, json=small)
         assert r.status_code == 503, r.text
         error = r.json()["error"]
-        assert error["code"] == "stage_unavailable" and "tensor-parallel" in error["message"], error
+        assert error["code"] == "stage_unavailable" and "parallel worker group" in error["message"], error
 
         def recovered() -> bool:
             alive = [a for a in _tp_workers().values() if a["State"] == "ALIVE"]

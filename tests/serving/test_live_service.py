@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vidgen_serve.parallel.tensor_parallel import find_free_port
+from vidgen_serve.net import find_free_port
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vidgen_serve.drill import http, wait_ready
-from vidgen_serve.parallel.tensor_parallel import find_free_port
+from vidgen_serve.net import find_free_port
 
 pytestmark = pytest.mark.slow
 

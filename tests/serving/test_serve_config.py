@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from vidgen_serve.parallel.tensor_parallel import find_free_port
+from vidgen_serve.net import find_free_port
 import yaml
 
 pytestmark = pytest.mark.slow

@@ -1,15 +1,16 @@
-"""One Denoiser replica = a tensor-parallel group of N Ray worker actors in a placement group.
+"""One Denoiser replica = a worker group of N Ray actors in a placement group (the front).
 
-See ``DESIGN.md`` -> "Tensor-parallel denoiser".  The Serve Denoiser replica owns a placement
-group (``STRICT_PACK``): bundle 0 for the replica itself, bundles 1..N one per rank (one GPU each
-on GPU profiles, a CPU fraction on CPU).  :class:`TensorParallelDenoiser` is what the replica
-holds instead of a :class:`~vidgen_serve.pipeline.denoiser.Denoiser`: it starts N
-:class:`TensorParallelWorker` actors in bundles 1..N, they form a ``torch.distributed`` group
-(NCCL on GPU, gloo on CPU) and shard the Wan transformer with DeepSpeed; every step all ranks
-run the same (step, window) unit and rank 0 returns the latents.
+See ``DESIGN.md`` -> "Tensor-parallel denoiser" and docs/parallel.md.  The Serve Denoiser
+replica owns a placement group (``STRICT_PACK``): bundle 0 for the replica itself, bundles 1..N
+one per rank (one GPU each on GPU profiles, a CPU fraction on CPU), N = tp * ulysses * cfg of
+the profile's ``parallel`` layout.  :class:`ParallelDenoiser` is what the replica holds instead
+of a :class:`~vidgen_serve.pipeline.denoiser.Denoiser`: it starts N
+:class:`~.worker.ParallelWorker` actors in bundles 1..N, they form a ``torch.distributed`` group
+(NCCL on GPU, gloo on CPU) and lay the Wan transformer out over it; every step all ranks run
+the same (step, window) unit and rank 0 returns the latents.
 
-Outside Serve (CLI ``--tp N``, tests) there is no current placement group, so the front creates
-one for the ranks and removes it in :meth:`TensorParallelDenoiser.close`.
+Outside Serve (CLI ``--parallel``, tests) there is no current placement group, so the front
+creates one for the ranks and removes it in :meth:`ParallelDenoiser.close`.
 """
 
 from __future__ import annotations
@@ -18,26 +19,30 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
 from typing import Any, Sequence
 
 import torch
 
-from ..config import AppConfig, ModelProfile, check_tensor_parallel
+from ..config import AppConfig, ModelProfile, ParallelLayout, check_parallel
 from ..config import valid_tp_sizes as config_valid_tp_sizes
 from ..pipeline.denoiser import drive
 from ..plan import GenerationPlan
+from .worker import ParallelWorker, TensorParallelWorker
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_CPUS_PER_RANK",
     "DEFAULT_REPLICA_CPUS",
+    "ParallelDenoiser",
+    "ParallelRun",
+    "ParallelWorker",
     "TensorParallelDenoiser",
     "TensorParallelRun",
     "TensorParallelWorker",
     "placement_group_bundles",
     "valid_tp_sizes",
+    "validate_layout",
     "validate_tp",
 ]
 
@@ -66,13 +71,18 @@ def valid_tp_sizes(profile: ModelProfile | AppConfig) -> list[int]:
     return config_valid_tp_sizes(_profile_of(profile))
 
 
-def validate_tp(profile: ModelProfile | AppConfig) -> int:
-    """Check the profile's ``tensor_parallel_size`` before any worker starts; returns it.
+def validate_layout(profile: ModelProfile | AppConfig) -> ParallelLayout:
+    """Check the profile's ``parallel`` layout before any worker starts; returns it.
 
-    The same check `ModelProfile` runs when validated (`config.check_tensor_parallel`),
-    repeated here for profiles built without validation.
+    The same check `ModelProfile` runs when validated (`config.check_parallel`), repeated here
+    for profiles built without validation.
     """
-    return check_tensor_parallel(_profile_of(profile))
+    return check_parallel(_profile_of(profile))
+
+
+def validate_tp(profile: ModelProfile | AppConfig) -> int:
+    """``validate_layout(profile).tp``."""
+    return validate_layout(profile).tp
 
 
 def rank_bundle(profile: ModelProfile, cpus_per_rank: float = DEFAULT_CPUS_PER_RANK) -> dict[str, float]:
@@ -91,171 +101,11 @@ def placement_group_bundles(
 
     Bundle 0 is the replica itself (``{"CPU": replica_cpus}``; the replica's
     ``ray_actor_options`` must fit it), bundles 1..N are the ranks: ``{"GPU": 1, "CPU": 1}`` on GPU
-    profiles, ``{"CPU": cpus_per_rank}`` on CPU.  Validates the TP size first.
+    profiles, ``{"CPU": cpus_per_rank}`` on CPU.  Validates the layout first.
     """
     profile = _profile_of(profile)
-    tp = validate_tp(profile)
-    return [{"CPU": float(replica_cpus)}] + [rank_bundle(profile, cpus_per_rank) for _ in range(tp)]
-
-
-# ---------------------------------------------------------------------------------------------
-# The rank worker (a Ray actor)
-# ---------------------------------------------------------------------------------------------
-
-
-class TensorParallelWorker:
-    """One rank of a tensor-parallel denoiser: a sharded transformer wrapped in a ``Denoiser``.
-
-    A plain class: :class:`TensorParallelDenoiser` wraps it with ``ray.remote``.  Construction is
-    cheap; :meth:`setup` joins the process group, loads the checkpoint's transformer on CPU,
-    shards it over the group (DeepSpeed) and moves it to this rank's device.  Passing
-    ``master_addr``/``master_port`` to the constructor calls :meth:`setup` right away.
-
-    Every rank must see the same calls in the same order (the sharded forward all-reduces);
-    rank 0 returns the latents, the other ranks return None.
-    """
-
-    def __init__(
-        self,
-        rank: int,
-        world_size: int,
-        config: AppConfig,
-        checkpoint: str | None = None,
-        master_addr: str | None = None,
-        master_port: int | None = None,
-        max_runs: int = 8,
-    ):
-        self.rank = int(rank)
-        self.world_size = int(world_size)
-        self.config = config
-        self.profile = config.model_profile
-        self.checkpoint = checkpoint
-        self.max_runs = max_runs
-        self.denoiser = None
-        self.device: torch.device | None = None
-        self.backend: str | None = None
-        self._runs: OrderedDict[Any, Any] = OrderedDict()
-        if master_addr is not None and master_port is not None:
-            self.setup(master_addr, master_port)
-
-    # -- group formation ---------------------------------------------------------------------
-
-    def rendezvous(self) -> tuple[str, int]:
-        """(node IP, a free TCP port on it): the group's master address when asked of rank 0."""
-        from .tensor_parallel import find_free_port
-
-        try:
-            import ray
-
-            ip = ray.util.get_node_ip_address()
-        except Exception:  # noqa: BLE001 - outside Ray
-            ip = "127.0.0.1"
-        return ip, find_free_port(ip)
-
-    def setup(self, master_addr: str, master_port: int, timeout_s: float = 600.0) -> dict:
-        """Join the group, load + shard the transformer, build this rank's ``Denoiser``."""
-        from ..models.loading import DTYPES, load_transformer, resolve_checkpoint
-        from ..pipeline.denoiser import Denoiser
-        from .tensor_parallel import init_tp_process_group, shard_wan_transformer
-
-        if self.denoiser is not None:
-            return self.info()
-        profile = self.profile
-        on_gpu = profile.device == "cuda"
-        if on_gpu:
-            if not torch.cuda.is_available():
-                raise RuntimeError(f"tensor-parallel rank {self.rank}: profile {profile.name} needs CUDA, none visible")
-            # Ray exposes exactly the actor's GPU (CUDA_VISIBLE_DEVICES), so it is cuda:0 there.
-            count = torch.cuda.device_count()
-            local_rank = 0 if count == 1 else self.rank % count
-            backend = "nccl"
-        else:
-            local_rank = self.rank
-            backend = "gloo"
-        self.backend = init_tp_process_group(
-            self.rank, self.world_size, master_addr, int(master_port), backend=backend,
-            local_rank=local_rank, timeout_s=timeout_s,
-        )
-        checkpoint = self.checkpoint or resolve_checkpoint(self.config)
-        self.checkpoint = checkpoint
-        dtype = DTYPES[profile.dtype]
-        transformer = load_transformer(checkpoint, profile, device=None)
-        sharded = shard_wan_transformer(transformer, self.world_size, dtype=dtype)
-        self.device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
-        sharded = sharded.to(self.device).eval().requires_grad_(False)
-        self.denoiser = Denoiser(self.config, checkpoint, transformer=sharded, device=self.device)
-        return self.info()
-
-    def info(self) -> dict:
-        return {
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "backend": self.backend,
-            "device": str(self.device),
-            "ready": self.denoiser is not None,
-            "parameter_bytes": self.parameter_bytes() if self.denoiser is not None else None,
-        }
-
-    # -- denoising -----------------------------------------------------------------------------
-
-    def _require(self):
-        if self.denoiser is None:
-            raise RuntimeError(f"tensor-parallel rank {self.rank} is not set up")
-        return self.denoiser
-
-    def start(self, plan: GenerationPlan, embeddings, run_id: Any = None) -> dict:
-        """Create a ``DenoiseRun`` (kept under ``run_id``); returns its {"steps", "windows"}."""
-        run = self._require().start(plan, embeddings)
-        self._runs[run_id] = run
-        self._runs.move_to_end(run_id)
-        while len(self._runs) > self.max_runs:  # abandoned runs (cancelled without release)
-            self._runs.popitem(last=False)
-        return {"steps": len(run.timesteps), "windows": len(plan.windows)}
-
-    def _run(self, run_id: Any):
-        try:
-            return self._runs[run_id]
-        except KeyError:
-            raise RuntimeError(f"tensor-parallel rank {self.rank}: no run {run_id!r} (not started or released)") from None
-
-    def advance(self, run_id: Any = None) -> dict[str, int]:
-        """One (step, window) unit of the run, on this rank's shard; the progress dict."""
-        return self._run(run_id).advance()
-
-    def latents(self, run_id: Any = None, release: bool = True) -> torch.Tensor | None:
-        """The run's final latents (float32, CPU) on rank 0; None on the others."""
-        run = self._run(run_id)
-        out = run.latents() if self.rank == 0 else None
-        if release:
-            self._runs.pop(run_id, None)
-        return out
-
-    def release(self, run_id: Any = None) -> None:
-        self._runs.pop(run_id, None)
-
-    # -- introspection / lifecycle -------------------------------------------------------------
-
-    def parameter_bytes(self) -> int:
-        """Bytes of the transformer parameters this rank holds."""
-        from .tensor_parallel import parameter_bytes
-
-        return parameter_bytes(self._require().transformer)
-
-    def ping(self) -> dict:
-        """Liveness; the front calls it in the "health" concurrency group, so it answers while a step runs."""
-        return {"rank": self.rank, "ready": self.denoiser is not None}
-
-    def shutdown(self) -> None:
-        """Drop the runs and the model and leave the process group."""
-        import torch.distributed as dist
-
-        self._runs.clear()
-        self.denoiser = None
-        try:
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - best effort; the actor is killed next anyway
-            pass
+    ranks = validate_layout(profile).size
+    return [{"CPU": float(replica_cpus)}] + [rank_bundle(profile, cpus_per_rank) for _ in range(ranks)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,10 +124,10 @@ def _ping(worker) -> Any:
     return worker.ping.options(concurrency_group="health").remote()
 
 
-class TensorParallelRun:
+class ParallelRun:
     """A step-by-step run on the group (the ``DenoiseRun`` interface: ``advance``, ``done``, ``latents``)."""
 
-    def __init__(self, owner: "TensorParallelDenoiser", run_id: int, plan: GenerationPlan, steps: int, windows: int):
+    def __init__(self, owner: "ParallelDenoiser", run_id: int, plan: GenerationPlan, steps: int, windows: int):
         self.owner = owner
         self.run_id = run_id
         self.plan = plan
@@ -317,15 +167,15 @@ class TensorParallelRun:
             self.owner._release(self.run_id)
 
 
-class TensorParallelDenoiser:
-    """A Denoiser whose transformer is sharded over ``tensor_parallel_size`` Ray worker actors.
+class ParallelDenoiser:
+    """A Denoiser whose transformer runs over ``parallel.size`` Ray worker actors (the profile's layout).
 
     Duck-types :class:`~vidgen_serve.pipeline.denoiser.Denoiser`: :meth:`start` returns a run
     with ``advance()``/``done``/``latents()``, :meth:`denoise` runs the whole loop.  Plus
     :meth:`check_health` (raises when a rank died, hangs, or the group broke) and :meth:`close`.
 
     Args:
-        config: application config; its profile's ``tensor_parallel_size`` is the group size.
+        config: application config; its profile's ``parallel`` layout gives the group size.
         checkpoint: checkpoint path (default: the profile's, resolved here).
         placement_group: the group whose bundles ``bundle_offset .. bundle_offset+N-1`` hold the
             ranks.  Default: the caller's current placement group (a Serve replica's), ranks in
@@ -350,15 +200,16 @@ class TensorParallelDenoiser:
     ):
         self.config = config
         self.profile = config.model_profile
-        self.tp_size = validate_tp(self.profile)  # before any worker (or placement group) starts
+        self.layout = validate_layout(self.profile)  # before any worker (or placement group) starts
+        self.world_size = self.layout.size
 
         import ray
         from ray.util.placement_group import get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if not ray.is_initialized():
-            raise RuntimeError("TensorParallelDenoiser needs Ray (ray.init() or a Serve replica); "
-                               "use LocalTensorParallelDenoiser for a local group")
+            raise RuntimeError("ParallelDenoiser needs Ray (ray.init() or a Serve replica); "
+                               "use LocalParallelDenoiser for a local group")
 
         from ..models.loading import resolve_checkpoint
 
@@ -377,7 +228,7 @@ class TensorParallelDenoiser:
         try:
             pg = placement_group if placement_group is not None else get_current_placement_group()
             if pg is None:
-                bundles = [rank_bundle(self.profile, cpus_per_rank) for _ in range(self.tp_size)]
+                bundles = [rank_bundle(self.profile, cpus_per_rank) for _ in range(self.world_size)]
                 pg = ray.util.placement_group(bundles, strategy="STRICT_PACK",
                                               name=f"vidgen-tp-{id(self):x}")
                 self._pg, self._owns_pg = pg, True
@@ -386,22 +237,22 @@ class TensorParallelDenoiser:
                     ray.get(pg.ready(), timeout=setup_timeout_s)
                 except ray.exceptions.GetTimeoutError:
                     raise RuntimeError(
-                        f"could not reserve {self.tp_size} tensor-parallel bundles {bundles} (STRICT_PACK) within "
+                        f"could not reserve {self.world_size} rank bundles {bundles} (STRICT_PACK) within "
                         f"{setup_timeout_s:.0f}s; cluster resources: {ray.cluster_resources()}"
                     ) from None
             else:
                 self._pg = pg
                 offset = 1 if bundle_offset is None else bundle_offset
             specs = list(pg.bundle_specs)
-            if len(specs) < offset + self.tp_size:
+            if len(specs) < offset + self.world_size:
                 raise RuntimeError(
-                    f"placement group has {len(specs)} bundles; tensor_parallel_size={self.tp_size} needs "
-                    f"{offset + self.tp_size} (bundle 0 for the replica, one per rank: use "
+                    f"placement group has {len(specs)} bundles; the parallel layout's {self.world_size} ranks need "
+                    f"{offset + self.world_size} (bundle 0 for the replica, one per rank: use "
                     f"placement_group_bundles(profile))"
                 )
 
-            worker_cls = ray.remote(concurrency_groups={"health": 1})(TensorParallelWorker)
-            for rank in range(self.tp_size):
+            worker_cls = ray.remote(concurrency_groups={"health": 1})(ParallelWorker)
+            for rank in range(self.world_size):
                 spec = specs[offset + rank]
                 options: dict[str, Any] = dict(
                     num_cpus=spec.get("CPU", 0),
@@ -416,7 +267,7 @@ class TensorParallelDenoiser:
                     ),
                 )
                 self.workers.append(
-                    worker_cls.options(**options).remote(rank, self.tp_size, config, self.checkpoint)
+                    worker_cls.options(**options).remote(rank, self.world_size, config, self.checkpoint)
                 )
             master_addr, master_port = self._call_ranks("rendezvous", [0], timeout=setup_timeout_s)[0]
             self.master = (master_addr, master_port)
@@ -443,9 +294,9 @@ class TensorParallelDenoiser:
         from ray.exceptions import RayActorError
 
         if self._closed:
-            raise RuntimeError("tensor-parallel group is closed")
+            raise RuntimeError("parallel worker group is closed")
         if self._broken:
-            raise RuntimeError(f"tensor-parallel group is broken: {self._broken}")
+            raise RuntimeError(f"parallel worker group is broken: {self._broken}")
         ranks = list(ranks)
         with self._lock:  # one submitter at a time: every rank sees the calls in the same order
             refs = [getattr(self.workers[r], method).remote(*args) for r in ranks]
@@ -480,7 +331,7 @@ class TensorParallelDenoiser:
                     errors[r] = ("died", RuntimeError("actor is dead"))
             first = died[0] if died else min(errors)
             kind, exc = errors[first]
-            message = f"tensor-parallel rank {first} {kind}: {_describe(exc)} (during {method})"
+            message = f"parallel rank {first} {kind}: {_describe(exc)} (during {method})"
             others = [f"rank {r} {k}" for r, (k, _) in sorted(errors.items()) if r != first]
             if others:
                 message += f" (also: {', '.join(others)})"
@@ -488,7 +339,7 @@ class TensorParallelDenoiser:
             raise RuntimeError(message) from exc
         if pending:
             missing = sorted(rank_of[ref] for ref in pending)
-            message = (f"tensor-parallel {method} timed out after {timeout:.0f}s; "
+            message = (f"parallel {method} timed out after {timeout:.0f}s; "
                        f"ranks not answering: {missing}")
             self._mark_broken(message)
             raise RuntimeError(message)
@@ -512,7 +363,7 @@ class TensorParallelDenoiser:
 
     def _mark_broken(self, message: str) -> None:
         if self._broken is None:
-            logger.error("tensor-parallel group broken: %s", message)
+            logger.error("parallel worker group broken: %s", message)
             self._broken = message
 
     def _release(self, run_id: int) -> None:
@@ -532,14 +383,14 @@ class TensorParallelDenoiser:
         """Why the group is unusable (None while healthy)."""
         return self._broken
 
-    def start(self, plan: GenerationPlan, embeddings) -> TensorParallelRun:
+    def start(self, plan: GenerationPlan, embeddings) -> ParallelRun:
         """Start a run on every rank (same plan and embeddings everywhere)."""
         import ray
 
         run_id = next(self._run_ids)
         plan_ref, emb_ref = ray.put(plan), ray.put(embeddings)
         info = self._call_all("start", plan_ref, emb_ref, run_id, timeout=self.step_timeout_s)[0]
-        return TensorParallelRun(self, run_id, plan, info["steps"], info["windows"])
+        return ParallelRun(self, run_id, plan, info["steps"], info["windows"])
 
     def denoise(self, plan: GenerationPlan, embeddings, progress=None, should_cancel=None) -> torch.Tensor:
         """The whole sampling loop (see ``Denoiser.denoise``); latents from rank 0."""
@@ -556,20 +407,20 @@ class TensorParallelDenoiser:
         from ray.exceptions import GetTimeoutError, RayActorError
 
         if self._closed:
-            raise RuntimeError("tensor-parallel group is closed")
+            raise RuntimeError("parallel worker group is closed")
         if self._broken:
-            raise RuntimeError(f"tensor-parallel group is broken: {self._broken}")
+            raise RuntimeError(f"parallel worker group is broken: {self._broken}")
         refs = [_ping(w) for w in self.workers]
         deadline = time.monotonic() + self.health_timeout_s
         for rank, ref in enumerate(refs):
             try:
                 ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except RayActorError as exc:
-                message = f"tensor-parallel rank {rank} died: {_describe(exc)}"
+                message = f"parallel rank {rank} died: {_describe(exc)}"
                 self._mark_broken(message)
                 raise RuntimeError(message) from exc
             except GetTimeoutError:
-                message = f"tensor-parallel rank {rank} did not answer a health ping within {self.health_timeout_s:.0f}s"
+                message = f"parallel rank {rank} did not answer a health ping within {self.health_timeout_s:.0f}s"
                 self._mark_broken(message)
                 raise RuntimeError(message) from None
 
@@ -618,8 +469,13 @@ class TensorParallelDenoiser:
                 pass
         self._pg = None
 
-    def __enter__(self) -> "TensorParallelDenoiser":
+    def __enter__(self) -> "ParallelDenoiser":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+#: The names from before the group carried Ulysses and CFG layouts (serving code imports them).
+TensorParallelDenoiser = ParallelDenoiser
+TensorParallelRun = ParallelRun

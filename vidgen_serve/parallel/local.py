@@ -1,7 +1,7 @@
-"""A tensor-parallel denoiser on a private local Ray cluster, for the CLI's ``--tp N``.
+"""A parallel denoiser on a private local Ray cluster, for the CLI's ``--parallel`` / ``--tp N``.
 
-:class:`LocalTensorParallelDenoiser` starts a local Ray instance (unless this process is already
-connected to one), then a :class:`~vidgen_serve.parallel.group.TensorParallelDenoiser` in a
+:class:`LocalParallelDenoiser` starts a local Ray instance (unless this process is already
+connected to one), then a :class:`~vidgen_serve.parallel.group.ParallelDenoiser` in a
 placement group of its own; :meth:`close` removes both.
 
 Ray 2.60 turns token authentication on by default for a new local cluster and, when no token is
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import AppConfig
-from .group import TensorParallelDenoiser, validate_tp
+from .group import ParallelDenoiser, validate_layout
 
-__all__ = ["LocalTensorParallelDenoiser", "prepare_local_ray_env"]
+__all__ = ["LocalParallelDenoiser", "LocalTensorParallelDenoiser", "prepare_local_ray_env"]
 
 
 def prepare_local_ray_env() -> None:
@@ -37,8 +37,8 @@ def prepare_local_ray_env() -> None:
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
-class LocalTensorParallelDenoiser:
-    """``TensorParallelDenoiser`` of ``config``'s ``tensor_parallel_size`` ranks on a local Ray.
+class LocalParallelDenoiser:
+    """``ParallelDenoiser`` of ``config``'s ``parallel`` layout on a local Ray.
 
     Same interface as ``Denoiser`` (``start``/``denoise``) plus ``check_health``,
     ``parameter_bytes`` and ``close`` (shuts the group down, then the Ray instance if it
@@ -46,7 +46,7 @@ class LocalTensorParallelDenoiser:
     """
 
     def __init__(self, config: AppConfig, checkpoint: str | None = None, **group_kwargs: Any):
-        tp = validate_tp(config.model_profile)  # before Ray or any worker starts
+        ranks = validate_layout(config.model_profile).size  # before Ray or any worker starts
         import ray
 
         self._owns_ray = False
@@ -54,7 +54,7 @@ class LocalTensorParallelDenoiser:
             prepare_local_ray_env()
             ray.init(
                 address="local",  # a private cluster even where RAY_ADDRESS points elsewhere
-                num_cpus=max(2, tp + 1),
+                num_cpus=max(2, ranks + 1),
                 include_dashboard=False,
                 log_to_driver=False,
                 ignore_reinit_error=True,
@@ -62,7 +62,7 @@ class LocalTensorParallelDenoiser:
             )
             self._owns_ray = True
         try:
-            self.group = TensorParallelDenoiser(config, checkpoint, **group_kwargs)
+            self.group = ParallelDenoiser(config, checkpoint, **group_kwargs)
         except BaseException:
             if self._owns_ray:
                 ray.shutdown()
@@ -74,8 +74,9 @@ class LocalTensorParallelDenoiser:
         self._closed = False
 
     @property
-    def tp_size(self) -> int:
-        return self.group.tp_size
+    def world_size(self) -> int:
+        """Ranks in the group."""
+        return self.group.world_size
 
     def start(self, plan, embeddings):
         return self.group.start(plan, embeddings)
@@ -103,8 +104,12 @@ class LocalTensorParallelDenoiser:
                 ray.shutdown()
                 self._owns_ray = False
 
-    def __enter__(self) -> "LocalTensorParallelDenoiser":
+    def __enter__(self) -> "LocalParallelDenoiser":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+#: The name from before the group carried Ulysses and CFG layouts.
+LocalTensorParallelDenoiser = LocalParallelDenoiser

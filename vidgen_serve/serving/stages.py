@@ -89,7 +89,7 @@ class FaultInjection(BaseModel):
 
 
 class DenoiserDeployment(_QueueDepthStats):
-    """Serve wrapper of `Denoiser` (or of a tensor-parallel group of them).
+    """Serve wrapper of `Denoiser` (or of a parallel worker group of them: TP, Ulysses, CFG).
 
     `denoise` is an async generator: it yields {"progress": ...} after every (step,
     window) unit (unless the caller passes progress=False: each item is a round trip
@@ -104,10 +104,10 @@ class DenoiserDeployment(_QueueDepthStats):
         self.role = role
         self._watch_queue(settings)
         profile = config.model_profile
-        if profile.tensor_parallel_size > 1:
-            from ..parallel.group import TensorParallelDenoiser
+        if profile.parallel.size > 1:  # a worker group: {tp, ulysses, cfg} ranks
+            from ..parallel.group import ParallelDenoiser
 
-            self.stage: Any = TensorParallelDenoiser(config)
+            self.stage: Any = ParallelDenoiser(config)
         else:
             self.stage = Denoiser(config, resolve_checkpoint(config))
         self.device_type = profile.device
@@ -147,14 +147,14 @@ class DenoiserDeployment(_QueueDepthStats):
             except Exception as exc:
                 if getattr(self.stage, "broken", False):
                     # A rank died: this replica fails its health check and Serve replaces it.
-                    raise VidgenError(503, f"the {self.role} denoiser's tensor-parallel group failed ({exc}); "
+                    raise VidgenError(503, f"the {self.role} denoiser's parallel worker group failed ({exc}); "
                                            "its replica is being replaced, retry", code="stage_unavailable",
                                       headers={"Retry-After": "10"}) from exc
                 raise
         yield {"latents": latents, "timings": {"denoise": call.seconds}, "role": self.role}
 
     def check_health(self) -> None:
-        """Serve calls this periodically; a broken tensor-parallel group makes the replica unhealthy."""
+        """Serve calls this periodically; a broken parallel worker group makes the replica unhealthy."""
         check = getattr(self.stage, "check_health", None)
         if check is not None:
             check()
