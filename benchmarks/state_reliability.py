@@ -90,7 +90,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from vidgen_serve.serve import build_app
+    from vidgen_serve.serve import compose_app
 
     work = tempfile.mkdtemp(prefix="vidgen-reliability-")
     redis_server = RedisServer(work)
@@ -108,7 +108,7 @@ def main() -> None:
 
         def deploy(hold_s: float) -> None:
             held = {"user_config": {"fault_injection": {"extra_latency_s": hold_s}}}
-            serve.run(build_app(settings, {"Ingress": one, "Denoiser": held}), name="bench", route_prefix="/")
+            serve.run(compose_app(settings, {"Ingress": one, "Denoiser": held}), name="bench", route_prefix="/")
 
         deploy(4.0)
         client = httpx.Client(base_url=base, timeout=600, trust_env=False)

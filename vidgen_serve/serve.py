@@ -13,7 +13,7 @@ from typing import Any
 from .serving.autoscaling import policy_config
 from .serving.settings import ServeSettings
 
-__all__ = ["ServeSettings", "build_app", "deployment_defaults"]
+__all__ = ["ServeSettings", "build_app", "compose_app", "deployment_defaults"]
 
 
 def deployment_defaults(settings: ServeSettings) -> dict[str, dict[str, Any]]:
@@ -66,13 +66,28 @@ def deployment_defaults(settings: ServeSettings) -> dict[str, dict[str, Any]]:
     }
 
 
-def build_app(args: dict[str, Any] | None = None, deployment_options: dict[str, dict[str, Any]] | None = None):
+def build_app(args: dict[str, Any] | None = None):
     """Compose Ingress -> TextEncoder / FailoverRouter -> Denoiser (+ standby) / Decoder.
+
+    Serve calls an `import_path` builder with exactly one argument; `compose_app` takes
+    per-deployment options too.
 
     Args:
         args: the application's `args` from `serve_config.yaml` (see `ServeSettings`).
+
+    Returns:
+        The bound ingress application, ready for `serve.run` / `serve run`.
+    """
+    return compose_app(args)
+
+
+def compose_app(args: dict[str, Any] | None = None, deployment_options: dict[str, dict[str, Any]] | None = None):
+    """`build_app` with per-deployment Serve options (for `serve.run` callers: tests, benchmarks).
+
+    Args:
+        args: the application's `args` (see `ServeSettings`).
         deployment_options: per-deployment Serve options replacing the defaults key by key
-            (what the `deployments:` section of a config file does; for `serve.run` callers).
+            (what the `deployments:` section of a config file does).
 
     Returns:
         The bound ingress application, ready for `serve.run` / `serve run`.

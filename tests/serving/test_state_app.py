@@ -75,11 +75,11 @@ def _wait(condition, what: str, timeout_s: float = 120):
 def test_queued_jobs_scale_the_denoiser_before_dispatch(cluster, redis_namespace, tmp_path):
     from ray import serve
 
-    from vidgen_serve.serve import build_app
+    from vidgen_serve.serve import compose_app
 
     args = {"state_dir": str(tmp_path), "job_store": REDIS_URL, "job_store_namespace": redis_namespace,
             "max_running_jobs": 0, "max_queued_jobs": 100, "max_batch_size": 50, "standby": False}
-    app = build_app(args, {"Denoiser": {"autoscaling_config": FAST_SCALING}, "TextEncoder": ONE, "Decoder": ONE,
+    app = compose_app(args, {"Denoiser": {"autoscaling_config": FAST_SCALING}, "TextEncoder": ONE, "Decoder": ONE,
                            "Ingress": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}})
     serve.run(app, name="scaling", route_prefix="/")
     try:
