@@ -120,6 +120,9 @@ def main() -> None:
         print(f"ratio HTTP / in-process (1 thread, like a replica): {http_p50 / base_1t['total']:.3f}   "
               f"(goal <= 1.10)")
         print(f"HTTP - ingress total (proxy + HTTP + body transfer): {(http_p50 - served['total']) * 1000:.0f}ms")
+        # The issue-11 figure: what serving adds to the same request, torch at one thread on both sides.
+        print(f"fixed serving overhead (HTTP p50 - in-process p50, 1 thread): "
+              f"{(http_p50 - base_1t['total']) * 1000:.0f}ms   (goal <= 50ms)")
         print("stage           in-proc(default)  in-proc(1 thread)  served")
         for k in STAGES:
             print(f"{k:15s} {base_default[k] * 1000:12.0f}ms {base_1t[k] * 1000:14.0f}ms {served[k] * 1000:9.0f}ms")

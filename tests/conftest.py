@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 
 # A fixed per-user directory: reruns reuse the tiny checkpoint built by the first run
 # (the build is locked and atomic, so parallel runs are safe too).
@@ -96,3 +97,56 @@ def _probe(path, decode: bool = True) -> dict:
 def probe_mp4():
     """`probe_mp4(path, decode=True) -> dict` (codec, pix_fmt, width, height, fps, num_frames, frames, boxes...)."""
     return _probe
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint on loopback (moto's server mode), with test credentials in the
+    standard AWS environment variables (the stores read the normal credential chain)."""
+    from moto.server import ThreadedMotoServer
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server):
+    """A fresh bucket on the S3 server; returns its name."""
+    import boto3
+
+    name = f"vidgen-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"  # the local server (CI runs one too)
+
+
+@pytest.fixture
+def redis_namespace():
+    """A fresh job-store namespace on the local Redis; its keys (and only its keys) are
+    deleted afterwards (the server is shared: never FLUSHDB)."""
+    import redis
+
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    yield namespace
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{{{namespace}}}:*", count=500))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

@@ -154,8 +154,13 @@ def _field_schema(model_schema: dict[str, Any], loc: tuple) -> dict[str, Any]:
 
 def from_validation_error(exc: ValidationError, model_schema: dict[str, Any] | None = None) -> InvalidRequest:
     """Turn a pydantic ValidationError into an `InvalidRequest` naming fields and allowed values."""
+    return from_error_list(exc.errors(include_url=False), model_schema)
+
+
+def from_error_list(errors: Any, model_schema: dict[str, Any] | None = None) -> InvalidRequest:
+    """`from_validation_error` for pydantic's error dicts (e.g. FastAPI's `RequestValidationError.errors()`)."""
     details = []
-    for err in exc.errors(include_url=False):
+    for err in errors:
         loc = tuple(p for p in err["loc"] if p not in ("body",))
         field = ".".join(str(p) for p in loc) or "body"
         value = err.get("input")

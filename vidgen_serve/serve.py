@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .serving.autoscaling import policy_config
 from .serving.settings import ServeSettings
 
-__all__ = ["ServeSettings", "build_app", "build_app_with_options", "deployment_defaults"]
+__all__ = ["ServeSettings", "build_app", "compose_app", "deployment_defaults"]
 
 
 def deployment_defaults(settings: ServeSettings) -> dict[str, dict[str, Any]]:
@@ -22,6 +23,7 @@ def deployment_defaults(settings: ServeSettings) -> dict[str, dict[str, Any]]:
     ranks = profile.parallel.size  # the Denoiser's worker group ({tp, ulysses, cfg})
 
     def stage(cpu: float, max_ongoing: int, max_queued: int, max_replicas: int) -> dict[str, Any]:
+        # Queued jobs count as work: see serving/autoscaling.py.
         return {
             "max_ongoing_requests": max_ongoing,
             "max_queued_requests": max_queued,
@@ -32,6 +34,7 @@ def deployment_defaults(settings: ServeSettings) -> dict[str, dict[str, Any]]:
                 "target_ongoing_requests": max(1, max_ongoing // 2),
                 "upscale_delay_s": 10,
                 "downscale_delay_s": 120,
+                "policy": policy_config(),
             },
             "health_check_period_s": 10,
             "health_check_timeout_s": 60,
@@ -49,7 +52,9 @@ def deployment_defaults(settings: ServeSettings) -> dict[str, dict[str, Any]]:
     return {
         "TextEncoder": stage(1 if gpu else 0.1, 8, 64, 4),
         "Denoiser": denoiser,
-        "DenoiserStandby": {**denoiser, "autoscaling_config": {**denoiser["autoscaling_config"], "max_replicas": 2}},
+        # The standby serves only while failed over: its own requests size it, not the queue.
+        "DenoiserStandby": {**denoiser, "autoscaling_config": {
+            **{k: v for k, v in denoiser["autoscaling_config"].items() if k != "policy"}, "max_replicas": 2}},
         "Decoder": stage(4 if gpu else 0.2, 2, 16, 4),
         "FailoverRouter": {"num_replicas": 1, "max_ongoing_requests": 1000, "ray_actor_options": {"num_cpus": 0}},
         "Ingress": {
@@ -64,22 +69,31 @@ def deployment_defaults(settings: ServeSettings) -> dict[str, dict[str, Any]]:
 def build_app(args: dict[str, Any] | None = None):
     """Compose Ingress -> TextEncoder / FailoverRouter -> Denoiser (+ standby) / Decoder.
 
+    Serve calls an `import_path` builder with exactly one argument; `compose_app` takes
+    per-deployment options too.
+
     Args:
         args: the application's `args` from `serve_config.yaml` (see `ServeSettings`).
 
     Returns:
         The bound ingress application, ready for `serve.run` / `serve run`.
     """
-    return build_app_with_options(args)
+    return compose_app(args)
 
 
-def build_app_with_options(args: dict[str, Any] | None = None,
-                           deployment_options: dict[str, dict[str, Any]] | None = None):
-    """`build_app` with Serve options per deployment name merged over the defaults.
+def compose_app(args: dict[str, Any] | None = None, deployment_options: dict[str, dict[str, Any]] | None = None):
+    """`build_app` with per-deployment Serve options (for `serve.run` callers: tests, benchmarks).
 
     The Python counterpart of the config's `deployments:` section (Serve requires an
-    `import_path` builder to take exactly one argument, hence a function of its own), e.g.
-    ``{"Decoder": {"user_config": {"fault_injection": {...}}}}``.
+    `import_path` builder to take exactly one argument, hence a function of its own).
+
+    Args:
+        args: the application's `args` (see `ServeSettings`).
+        deployment_options: per-deployment Serve options replacing the defaults key by key,
+            e.g. ``{"Decoder": {"user_config": {"fault_injection": {...}}}}``.
+
+    Returns:
+        The bound ingress application, ready for `serve.run` / `serve run`.
     """
     from ray import serve
 
@@ -93,22 +107,23 @@ def build_app_with_options(args: dict[str, Any] | None = None,
     unknown = set(deployment_options or {}) - set(opts)
     if unknown:
         raise ValueError(f"deployment_options for unknown deployments {sorted(unknown)}; known: {sorted(opts)}")
-    for name, overrides in (deployment_options or {}).items():
-        opts[name] = {**opts[name], **overrides}
+    for name, options in (deployment_options or {}).items():
+        opts[name] = {**opts[name], **options}
 
-    text_encoder = serve.deployment(TextEncoderDeployment, name="TextEncoder", **opts["TextEncoder"]).bind(config)
+    text_encoder = serve.deployment(TextEncoderDeployment, name="TextEncoder", **opts["TextEncoder"]).bind(
+        config, settings)
     denoisers = {
         "primary": serve.deployment(DenoiserDeployment, name="Denoiser", **opts["Denoiser"]).bind(
-            config, "primary", settings.retry_after_s)
+            config, "primary", settings)
     }
     router = None
     if settings.standby:
         denoisers["standby"] = serve.deployment(
             DenoiserDeployment, name="DenoiserStandby", **opts["DenoiserStandby"]
-        ).bind(config, "standby", settings.retry_after_s)
+        ).bind(config, "standby", settings)
         router = serve.deployment(FailoverRouter, name="FailoverRouter", **opts["FailoverRouter"]).bind(
             settings, text_encoder, denoisers
         )
-    decoder = serve.deployment(DecoderDeployment, name="Decoder", **opts["Decoder"]).bind(config)
+    decoder = serve.deployment(DecoderDeployment, name="Decoder", **opts["Decoder"]).bind(config, settings)
     ingress = serve.deployment(IngressApp, name="Ingress", **opts["Ingress"])
     return ingress.bind(settings, text_encoder, denoisers, decoder, router)

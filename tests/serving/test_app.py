@@ -10,6 +10,7 @@ injection needed, and no extra replica restarts beyond the one the restart test 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -115,10 +116,10 @@ class Env:
 
     def app(self):
         """The application under test: the Decoder waits at `DECODER_GATE` while it is closed."""
-        from vidgen_serve.serve import build_app_with_options
+        from vidgen_serve.serve import compose_app
 
         faults = {"fault_injection": {"hold_at_gate": DECODER_GATE}}
-        return build_app_with_options(self.args, {"Decoder": {"user_config": faults}})
+        return compose_app(self.args, {"Decoder": {"user_config": faults}})
 
     def held_decodes(self, n: int, timeout_s: float = 120) -> None:
         """Wait until `n` decodes wait at the (closed) gate."""
@@ -653,20 +654,32 @@ def restarted(env):
     from vidgen_serve.plan import build_plan
     from vidgen_serve.request import parse_request
     from vidgen_serve.serving.auth import key_id
-    from vidgen_serve.serving.jobs import RUNNING, SQLiteJobStore
+    from vidgen_serve.state.sqlite import SQLiteJobStore
 
     assert "finished_job" in env.shared, "test_job_lifecycle must run first"
     serve.delete(APP)
-    store = SQLiteJobStore(env.state_dir / "jobs.sqlite3")
-    planted = {}
-    for name, attempts in (("resumable", 1), ("exhausted", 2)):
-        request = parse_request({**SMALL, "seed": 500 + attempts})
-        plan = build_plan(request, AppConfig())
-        job = store.create(request.model_dump(mode="json"), plan.model_dump(mode="json"), key_id(API_KEY))
-        store.update(job.id, state=RUNNING, stage="denoise", owner="dead-replica-owner",
-                     heartbeat_at=time.time() - 3600, attempts=attempts, progress={"step": 1, "steps": 2,
-                                                                                     "window": 1, "windows": 1})
-        planted[name] = job.id
+
+    async def plant() -> dict[str, str]:
+        # Two jobs claimed by a replica that then died (no heartbeat for an hour).
+        store = SQLiteJobStore(env.state_dir / "jobs.sqlite3")
+        await store.start()
+        planted = {}
+        for name, attempts in (("resumable", 1), ("exhausted", 2)):
+            request = parse_request({**SMALL, "seed": 500 + attempts})
+            plan = build_plan(request, AppConfig())
+            job = await store.create(request.model_dump(mode="json"), plan.model_dump(mode="json"), key_id(API_KEY))
+            planted[name] = job.id
+        await store.claim("dead-replica-owner", 2)
+        await store.close()
+        return planted
+
+    planted = asyncio.run(plant())
+    with env.db() as conn:
+        for name, attempts in (("resumable", 1), ("exhausted", 2)):
+            conn.execute("UPDATE jobs SET heartbeat_at = ?, attempts = ?, stage = 'denoise', progress = ? "
+                         "WHERE id = ?", (time.time() - 3600, attempts,
+                                          json.dumps({"step": 1, "steps": 2, "window": 1, "windows": 1}),
+                                          planted[name]))
     serve.run(env.app(), name=APP, route_prefix="/")  # a full restart, same state_dir
     _wait_ready(env.client)
     return planted

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import AppConfig
 from .failover import FailoverSettings
@@ -19,14 +19,31 @@ class ServeSettings(BaseModel):
     state_dir: Path = Field(
         Path("var"), description="Where the job database and artifacts live unless set separately."
     )
-    jobs_db: Path | None = Field(None, description="SQLite job database path (default: <state_dir>/jobs.sqlite3).")
-    artifacts_dir: Path | None = Field(None, description="Directory of finished MP4s (default: <state_dir>/artifacts).")
+    job_store: str | None = Field(
+        None, description="Where job records live: None = SQLite at <state_dir>/jobs.sqlite3 (one node); "
+        "'sqlite:///path'; 'redis://host:port/db' or 'rediss://...' (a cluster: every ingress replica shares it).",
+    )
+    job_store_namespace: str = Field(
+        "vidgen", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Key prefix of this application's jobs in Redis (applications sharing one Redis differ here).",
+    )
+    artifact_store: str | None = Field(
+        None, description="Where finished MP4s live: None = <state_dir>/artifacts; 'file:///dir'; "
+        "'s3://bucket/prefix' (credentials from the standard AWS environment / credential chain).",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible store (MinIO, Ceph, R2...); None = AWS S3.")
+    s3_region: str | None = Field(None, description="S3 region; None = the AWS chain's default.")
+    artifact_redirect: bool = Field(
+        False, description="GET .../content answers 307 to a presigned URL of the store (S3) instead of streaming.")
+    artifact_url_ttl_s: int = Field(900, ge=10, le=7 * 24 * 3600, description="Lifetime of a presigned URL.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body accepted (413 beyond).")
     max_batch_size: int = Field(16, ge=1, le=256, description="Most requests in one POST /v1/video/batch.")
     max_inflight_sync: int = Field(
         4, ge=1, description="Synchronous generations one ingress replica runs at once (429 beyond)."
     )
-    max_running_jobs: int = Field(2, ge=1, description="Async jobs one ingress replica runs at once.")
+    max_running_jobs: int = Field(
+        2, ge=0, description="Async jobs one ingress replica runs at once (0: this replica only accepts jobs).")
     max_queued_jobs: int = Field(
         64, ge=0, description="Async jobs waiting in the job store, all ingress replicas together (429 beyond)."
     )
@@ -50,10 +67,31 @@ class ServeSettings(BaseModel):
         "is compared per unit of work, and tiny requests carry relatively more fixed overhead).",
     )
 
-    @property
-    def jobs_db_path(self) -> Path:
-        return self.jobs_db or self.state_dir / "jobs.sqlite3"
+    @field_validator("job_store")
+    @classmethod
+    def _job_store_url(cls, value: str | None) -> str | None:
+        from ..state.jobs import parse_job_store_url
 
-    @property
-    def artifacts_path(self) -> Path:
-        return self.artifacts_dir or self.state_dir / "artifacts"
+        parse_job_store_url(value, Path("var"))  # a malformed URL fails here, naming the field
+        return value
+
+    @field_validator("artifact_store")
+    @classmethod
+    def _artifact_store_url(cls, value: str | None) -> str | None:
+        from ..state.artifacts import parse_artifact_store_url
+
+        parse_artifact_store_url(value, Path("var"))
+        return value
+
+    def open_job_store(self):
+        """The configured job store (not yet started)."""
+        from ..state.jobs import open_job_store
+
+        return open_job_store(self.job_store, self.state_dir, namespace=self.job_store_namespace)
+
+    def open_artifact_store(self):
+        """The configured artifact store (not yet started)."""
+        from ..state.artifacts import open_artifact_store
+
+        return open_artifact_store(self.artifact_store, self.state_dir, s3_endpoint_url=self.s3_endpoint_url,
+                                   s3_region=self.s3_region)

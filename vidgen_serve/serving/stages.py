@@ -1,9 +1,12 @@
 """The three stage deployments: thin wrappers over the plain stage classes.
 
-Each loads its model once per replica, opens a child span per call from the carrier the
-ingress passes, records per-stage metrics, and returns tensors/bytes through Ray.
-The builder wraps these classes with `serve.deployment(...)`; tests may construct them
-directly inside a Ray worker.
+Each loads its model once per replica and wraps every call in `telemetry.stage_call`
+(a child span from the carrier the ingress passes, the latency histogram, the failure
+counter). Tensors travel through Ray; MP4s of async jobs go to the artifact store (the
+Decoder writes them and returns only timings), and only the sync endpoint gets MP4 bytes.
+Each replica reports the job store's queue depth to Serve's autoscaler
+(`record_autoscaling_stats`, see `serving/autoscaling.py`). The builder wraps these
+classes with `serve.deployment(...)`; tests may construct them directly inside a Ray worker.
 """
 
 from __future__ import annotations
@@ -24,56 +27,73 @@ from ..pipeline.decoder import Decoder
 from ..pipeline.denoiser import Denoiser
 from ..pipeline.text_encoder import PromptEmbeddings, TextEncoder
 from ..plan import GenerationPlan
+from .autoscaling import QueueDepthProbe
 from .faults import FaultInjection, inject_faults
-from .telemetry import StageMetrics, child_span, configure_tracing
+from .telemetry import StageMetrics, configure_tracing, stage_call
 
 logger = logging.getLogger("vidgen_serve.stages")
 
 
-class TextEncoderDeployment:
-    """Serve wrapper of `TextEncoder`."""
+class _QueueDepthStats:
+    """`record_autoscaling_stats` for a stage deployment: the job store's queue depth."""
 
-    def __init__(self, config: AppConfig):
+    queue: QueueDepthProbe | None = None
+
+    def _watch_queue(self, settings: Any) -> None:
+        self.queue = QueueDepthProbe(settings) if settings is not None else None
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metrics Serve collects from this replica (queued jobs)."""
+        return await self.queue.stats() if self.queue is not None else {}
+
+
+class TextEncoderDeployment(_QueueDepthStats):
+    """Serve wrapper of `TextEncoder`.
+
+    Args:
+        config: the application config.
+        settings: serving settings (where the job store is, for queue-driven autoscaling).
+    """
+
+    def __init__(self, config: AppConfig, settings: Any = None):
         configure_tracing()
         self.stage = TextEncoder(config)
         self.metrics = StageMetrics("text_encode")
+        self._watch_queue(settings)
 
     def encode(self, plan: GenerationPlan, carrier: dict | None = None) -> tuple[PromptEmbeddings, dict[str, float]]:
         """Embeddings for the plan, and {"text_encode": seconds}."""
-        with child_span("text_encode", carrier, prompts=len(plan.prompts)) as span:
-            t0 = time.perf_counter()
-            try:
-                embeddings = self.stage.encode(plan)
-            except Exception:
-                self.metrics.failed("error")
-                raise
-            seconds = time.perf_counter() - t0
-            span.set_attribute("cache_hits", embeddings.cache_hits)
-        self.metrics.observe(seconds, self.stage.device.type)
+        with stage_call(self.metrics, carrier, self.stage.device.type, prompts=len(plan.prompts)) as call:
+            embeddings = self.stage.encode(plan)
+            call.span.set_attribute("cache_hits", embeddings.cache_hits)
         if embeddings.cache_hits:
             self.metrics.cache.inc(embeddings.cache_hits, tags={"result": "hit"})
         if embeddings.cache_misses:
             self.metrics.cache.inc(embeddings.cache_misses, tags={"result": "miss"})
-        return embeddings, {"text_encode": seconds}
+        return embeddings, {"text_encode": call.seconds}
 
     def count_tokens(self, texts: list[str]) -> dict[str, Any]:
         """Token counts of `texts` and the encoder's limit (for /v1/prompt/analyze)."""
         return {"tokens": [self.stage.count_tokens(t) for t in texts], "limit": self.stage.max_sequence_length}
 
 
-class DenoiserDeployment:
+class DenoiserDeployment(_QueueDepthStats):
     """Serve wrapper of `Denoiser` (or of a parallel worker group of them: TP, Ulysses, CFG).
 
     `denoise` is an async generator: it yields {"progress": ...} after every (step,
-    window) unit and finally {"latents": ..., "timings": ...}. Each unit runs on this
+    window) unit (unless the caller passes progress=False: each item is a round trip
+    through Ray, and a sync request has nobody to show them to) and finally
+    {"latents": ..., "timings": ...}. Each unit runs on this
     replica's worker thread; when the caller cancels (client gone, deadline, DELETE),
     the generator stops at the next unit boundary.
     """
 
-    def __init__(self, config: AppConfig, role: str = "primary", retry_after_s: int = 5):
+    def __init__(self, config: AppConfig, role: str = "primary", settings: Any = None):
         configure_tracing()
         self.role = role
-        self.retry_after_s = retry_after_s
+        # 503s say when to retry (the deployment's `retry_after_s`, as the ingress's do).
+        self.retry_after_s = settings.retry_after_s if settings is not None else 5
+        self._watch_queue(settings)
         profile = config.model_profile
         if profile.parallel.size > 1:  # a worker group: {tp, ulysses, cfg} ranks
             from ..parallel.group import ParallelDenoiser
@@ -92,38 +112,32 @@ class DenoiserDeployment:
         self.faults = _faults_from(user_config, f"{self.role} denoiser")
 
     async def denoise(
-        self, plan: GenerationPlan, embeddings: PromptEmbeddings, carrier: dict | None = None
+        self, plan: GenerationPlan, embeddings: PromptEmbeddings, carrier: dict | None = None, progress: bool = True
     ) -> AsyncIterator[dict[str, Any]]:
         loop = asyncio.get_running_loop()
-        with child_span("denoise", carrier, role=self.role, steps=plan.num_inference_steps,
-                        windows=len(plan.windows)):
-            t0 = time.perf_counter()
+        with stage_call(self.metrics, carrier, self.device_type, role=self.role, steps=plan.num_inference_steps,
+                        windows=len(plan.windows)) as call:
             try:
                 await inject_faults(self.faults, f"{self.role} denoiser")
                 run = await loop.run_in_executor(self._executor, self.stage.start, plan, embeddings)
                 try:
                     while not run.done:
                         event = await loop.run_in_executor(self._executor, run.advance)
-                        yield {"progress": event}
+                        if progress:
+                            yield {"progress": event}
                     latents = await loop.run_in_executor(self._executor, run.latents)
                 finally:
                     release = getattr(run, "release", None)  # TP runs hold state on every rank
                     if release is not None:
                         self._executor.submit(release)
-            except asyncio.CancelledError:
-                self.metrics.failed("cancelled")
-                raise
             except Exception as exc:
-                self.metrics.failed("error")
                 if getattr(self.stage, "broken", False):
                     # A rank died: this replica fails its health check and Serve replaces it.
                     raise VidgenError(503, f"the {self.role} denoiser's parallel worker group failed ({exc}); "
                                            "its replica is being replaced, retry", code="stage_unavailable",
                                       headers={"Retry-After": str(self.retry_after_s)}) from exc
                 raise
-            seconds = time.perf_counter() - t0
-        self.metrics.observe(seconds, self.device_type)
-        yield {"latents": latents, "timings": {"denoise": seconds}, "role": self.role}
+        yield {"latents": latents, "timings": {"denoise": call.seconds}, "role": self.role}
 
     def check_health(self) -> None:
         """Serve calls this periodically; a broken parallel worker group makes the replica unhealthy."""
@@ -140,71 +154,113 @@ class DenoiserDeployment:
                 pass
 
 
-class DecoderDeployment:
-    """Serve wrapper of `Decoder`: latents in, MP4 bytes out.
+class DecoderDeployment(_QueueDepthStats):
+    """Serve wrapper of `Decoder`: latents in; MP4 bytes out (sync requests) or the MP4 written
+    to the artifact store (async jobs).
 
-    `decode` is an async generator: it yields {"progress": {"phase": "vae_decode" |
-    "encode", "fraction": f}} while it works and finally {"mp4": bytes, "timings": ...}.
+    `decode` and `decode_to_store` are async generators: they yield {"progress": {"phase":
+    "vae_decode" | "encode", "fraction": f}} while they work (unless the caller passes
+    progress=False) and finally {"mp4": bytes, "timings": ...} / {"timings": ...}.
+
+    Args:
+        config: the application config.
+        settings: serving settings: the artifact store (checked when the replica starts: a
+            bucket that does not exist or denies writes fails the start, naming it) and the
+            job store (queue-driven autoscaling). None: bytes only, no autoscaling stats.
     """
 
-    def __init__(self, config: AppConfig):
+    async def __init__(self, config: AppConfig, settings: Any = None):
         configure_tracing()
+        self.artifacts = None
+        if settings is not None:  # checked before the model loads: a bad store fails fast
+            self.artifacts = settings.open_artifact_store()
+            await self.artifacts.start()
         self.stage = Decoder(config)
         self.metrics = StageMetrics("decode")
         self.faults = FaultInjection()
+        self._watch_queue(settings)
 
     def reconfigure(self, user_config: dict | None) -> None:
         """Apply `user_config` live: `{"fault_injection": {...}}` (see `FaultInjection`)."""
         self.faults = _faults_from(user_config, "decoder")
 
     async def decode(
-        self, plan: GenerationPlan, latents: Any, carrier: dict | None = None
+        self, plan: GenerationPlan, latents: Any, carrier: dict | None = None, progress: bool = True
     ) -> AsyncIterator[dict[str, Any]]:
-        """Progress events, then the MP4 bytes and {"vae_decode": s, "encode": s}.
+        """Progress events, then the MP4 bytes and {"vae_decode": s, "encode": s} (the sync endpoint)."""
+        with tempfile.TemporaryDirectory(prefix="vidgen-decode-") as tmp:
+            path = os.path.join(tmp, "video.mp4")
+            timings: dict[str, float] = {}
+            async for item in self._decode_file(plan, latents, path, carrier, progress):
+                if "progress" in item:
+                    yield item
+                else:
+                    timings = item["timings"]
+            data = await asyncio.to_thread(_read_file, path)
+        yield {"mp4": data, "timings": timings}
 
-        Runs on a worker thread; when the caller cancels (deadline, client gone), ffmpeg
-        is stopped instead of finishing a video nobody will receive.
-        """
+    async def decode_to_store(
+        self, plan: GenerationPlan, latents: Any, key: str, carrier: dict | None = None, progress: bool = True
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Progress events, then the MP4 stored under `key` in the artifact store and {"timings":
+        ... + "store"}. Ends only once the store has the whole file; an upload that fails
+        raises (503) with the store's reason."""
+        if self.artifacts is None:
+            raise VidgenError(500, "the decoder has no artifact store", code="stage_error")
+        with tempfile.TemporaryDirectory(prefix="vidgen-decode-") as tmp:
+            path = os.path.join(tmp, "video.mp4")
+            timings: dict[str, float] = {}
+            async for item in self._decode_file(plan, latents, path, carrier, progress):
+                if "progress" in item:
+                    yield item
+                else:
+                    timings = item["timings"]
+            t0 = time.perf_counter()
+            await self.artifacts.put_file(key, path)
+            timings["store"] = time.perf_counter() - t0
+        yield {"timings": timings}
+
+    async def _decode_file(self, plan: GenerationPlan, latents: Any, path: str, carrier: dict | None,
+                           progress: bool) -> AsyncIterator[dict[str, Any]]:
+        # On a worker thread; when the caller cancels (deadline, client gone, job cancelled),
+        # ffmpeg is stopped instead of finishing a video nobody will receive. Phase progress
+        # crosses from that thread through a queue on this loop.
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict] = asyncio.Queue()
-        with child_span("decode", carrier, output=f"{plan.output_width}x{plan.output_height}"):
-            t0 = time.perf_counter()
-            waiting: asyncio.Future | None = None
+        report: Callable[[dict], None] | None = (
+            (lambda event: loop.call_soon_threadsafe(events.put_nowait, event)) if progress else None)
+        waiting: asyncio.Future | None = None
+        with stage_call(self.metrics, carrier, self.stage.device.type,
+                        output=f"{plan.output_width}x{plan.output_height}"):
             try:
                 await inject_faults(self.faults, "decoder")
-                work = loop.run_in_executor(None, self._decode_to_bytes, plan, latents, cancel,
-                                            lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                work = loop.run_in_executor(None, self._decode_on_thread, plan, latents, path, cancel, report)
                 while True:
                     waiting = asyncio.ensure_future(events.get())
                     await asyncio.wait({waiting, work}, return_when=asyncio.FIRST_COMPLETED)
                     if not waiting.done():
                         break
                     yield {"progress": waiting.result()}
-                waiting.cancel()
                 while not events.empty():
                     yield {"progress": events.get_nowait()}
-                data, timings = await work
+                timings = await work
             except (asyncio.CancelledError, GeneratorExit):
                 cancel.set()
-                self.metrics.failed("cancelled")
-                raise
-            except Exception:
-                self.metrics.failed("error")
                 raise
             finally:
                 if waiting is not None:
                     waiting.cancel()
-        self.metrics.observe(time.perf_counter() - t0, self.stage.device.type)
-        yield {"mp4": data, "timings": timings}
+        yield {"timings": timings}
 
-    def _decode_to_bytes(self, plan: GenerationPlan, latents: Any, cancel: threading.Event,
-                         progress: Callable[[dict], None]):
-        with tempfile.TemporaryDirectory(prefix="vidgen-decode-") as tmp:
-            path = os.path.join(tmp, "video.mp4")
-            timings = self.stage.decode(plan, latents, path, cancel, progress=progress)
-            with open(path, "rb") as f:
-                return f.read(), timings
+    def _decode_on_thread(self, plan: GenerationPlan, latents: Any, path: str, cancel: threading.Event,
+                          progress: Callable[[dict], None] | None) -> dict[str, float]:
+        return self.stage.decode(plan, latents, path, cancel, progress=progress)
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _faults_from(user_config: dict | None, stage: str) -> FaultInjection:

@@ -9,10 +9,13 @@ carrier dict). The exporter follows the standard `OTEL_*` variables:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import threading
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from opentelemetry import context as otel_context
@@ -105,3 +108,33 @@ class StageMetrics:
 
     def failed(self, reason: str) -> None:
         self.failures.inc(tags={"stage": self.stage, "reason": reason})
+
+
+@dataclass
+class StageTiming:
+    """What `stage_call` measured: the span (to add attributes) and the call's seconds."""
+
+    span: Any
+    seconds: float = 0.0
+
+
+@contextmanager
+def stage_call(metrics: StageMetrics, carrier: dict[str, str] | None, device_type: str = "cpu",
+               **attributes: Any) -> Iterator[StageTiming]:
+    """One call of a stage deployment: a child span of the ingress's trace, the latency
+    histogram and peak-memory gauge on success, the failure counter (`cancelled` / `error`)
+    otherwise. Every stage deployment wraps its work in this, once.
+    """
+    with child_span(metrics.stage, carrier, **attributes) as span:
+        timing = StageTiming(span)
+        t0 = time.perf_counter()
+        try:
+            yield timing
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: a stream the caller closed
+            metrics.failed("cancelled")
+            raise
+        except Exception:
+            metrics.failed("error")
+            raise
+        timing.seconds = time.perf_counter() - t0
+    metrics.observe(timing.seconds, device_type)

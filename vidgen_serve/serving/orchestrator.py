@@ -1,0 +1,219 @@
+"""The generation orchestrator: text encode -> router -> denoise -> decode, for one plan.
+
+A plain class over deployment handles (anything with `.method.remote(...)` returning an
+awaitable, and `.options(stream=True)` for the denoiser's progress stream), so tests can
+drive it with fake handles and no Ray. The ingress uses it for sync requests; the job
+runner uses it for async jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from ..errors import GenerationCancelled, VidgenError
+from ..plan import GenerationPlan
+from .progress import StageShares
+from .telemetry import carrier_for_current_span, tracer
+
+logger = logging.getLogger("vidgen_serve.orchestrator")
+
+StageCallback = Callable[[str], Awaitable[None]]
+ProgressCallback = Callable[[dict], Awaitable[None]]
+
+
+@dataclass
+class GenerationResult:
+    """What one generation produced.
+
+    `mp4` holds the bytes (sync requests); `artifact` the artifact-store key the Decoder
+    wrote (async jobs): then no video bytes travel through Ray to the ingress.
+    """
+
+    timings: dict[str, float]
+    denoiser: str
+    text_cache: str
+    mp4: bytes | None = None
+    artifact: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def map_stage_error(stage: str, exc: BaseException, retry_after_s: int = 5) -> VidgenError:
+    """Downstream failures as client-safe errors (the full error is logged); 503s say when to retry."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    retry = {"Retry-After": str(retry_after_s)}
+    if isinstance(exc, VidgenError):
+        # Raised in a replica, it arrives as RayTaskError(VidgenError): answer with the original.
+        cause = getattr(exc, "cause", None)
+        return cause if isinstance(cause, VidgenError) else exc
+    if isinstance(exc, BackPressureError):
+        return VidgenError(503, f"the {stage} stage is at capacity; retry later", code="overloaded", headers=retry)
+    if isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)):
+        logger.error("%s stage replica failed: %s", stage, exc)
+        return VidgenError(503, f"the {stage} stage failed (its replica stopped); retry", code="stage_unavailable",
+                           headers=retry)
+    logger.error("%s stage error: %r", stage, exc)
+    return VidgenError(500, f"the {stage} stage failed", code="stage_error")
+
+
+class GenerationOrchestrator:
+    """Runs one plan through the stage deployments.
+
+    Args:
+        text_encoder, decoder: handles of the stage deployments.
+        denoisers: {"primary": handle, "standby": handle} (standby optional).
+        router: handle of the failover router, or None to always use the primary.
+        retry_after_s: the `Retry-After` of the 503s it answers for failed stages.
+
+    `stage_shares` learns each stage's share of a generation's time from the generations it
+    finished (the job runner turns stage progress into one overall fraction and ETA with it).
+    """
+
+    def __init__(self, text_encoder: Any, denoisers: dict[str, Any], decoder: Any, router: Any = None,
+                 retry_after_s: int = 5):
+        self.text_encoder = text_encoder
+        self.denoisers = denoisers
+        self.decoder = decoder
+        self.router = router
+        self.retry_after_s = retry_after_s
+        self.stage_shares = StageShares()
+
+    async def _call(self, stage: str, awaitable: Awaitable) -> Any:
+        try:
+            return await awaitable
+        except (asyncio.CancelledError, GenerationCancelled):
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a client-safe error
+            raise map_stage_error(stage, exc, self.retry_after_s) from exc
+
+    async def count_tokens(self, texts: list[str]) -> dict[str, Any]:
+        """Token counts of `texts` and the text encoder's limit."""
+        return await self._call("text_encode", self.text_encoder.count_tokens.remote(texts))
+
+    async def _choose_denoiser(self) -> str:
+        if self.router is None or self.denoisers.get("standby") is None:
+            return "primary"
+        try:
+            return await self.router.choose.remote()
+        except Exception as exc:  # the router is advisory: never fail a request over it
+            logger.warning("failover router unavailable (%r); using the primary denoiser", exc)
+            return "primary"
+
+    async def _report(self, target: str, seconds: float, plan: GenerationPlan, ok: bool) -> None:
+        if self.router is None:
+            return
+        try:
+            await self.router.record.remote(target, seconds, plan.work_units, ok)
+        except Exception as exc:
+            logger.warning("could not report to the failover router: %r", exc)
+
+    async def denoise(self, plan: GenerationPlan, embeddings: Any, carrier: dict,
+                      on_progress: ProgressCallback | None = None) -> tuple[Any, dict[str, float], str]:
+        """Denoise on the router's choice; if that target fails, once more on the other one.
+
+        A failed call is reported to the router first (errors count as breaches), so a
+        broken primary is still failed over; meanwhile no accepted request is lost to it.
+        """
+        target = await self._choose_denoiser()
+        try:
+            return await self._denoise_on(target, plan, embeddings, carrier, on_progress)
+        except VidgenError as exc:
+            other = "standby" if target == "primary" else "primary"
+            if exc.status_code < 500 or self.denoisers.get(other) is None:
+                raise
+            logger.warning("denoise on the %s failed (%s); retrying on the %s", target, exc.message, other)
+            return await self._denoise_on(other, plan, embeddings, carrier, on_progress)
+
+    async def _denoise_on(self, target: str, plan: GenerationPlan, embeddings: Any, carrier: dict,
+                          on_progress: ProgressCallback | None) -> tuple[Any, dict[str, float], str]:
+        gen = self.denoisers[target].options(stream=True).denoise.remote(plan, embeddings, carrier,
+                                                                         on_progress is not None)
+        t0 = time.perf_counter()
+        latents, timings, outcome = None, {}, "error"
+        try:
+            async for item in gen:
+                if "progress" in item:
+                    if on_progress is not None:
+                        await on_progress(item["progress"])
+                else:
+                    latents, timings = item["latents"], item["timings"]
+            outcome = "ok" if latents is not None else "error"
+        except (asyncio.CancelledError, GenerationCancelled):
+            outcome = "cancelled"  # not the denoiser's fault: not reported to the router
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise map_stage_error("denoise", exc, self.retry_after_s) from exc
+        finally:
+            if outcome != "ok":
+                gen.cancel()  # stops the replica's loop at its next step boundary
+            if outcome != "cancelled":
+                await self._report(target, time.perf_counter() - t0, plan, outcome == "ok")
+        if latents is None:
+            raise VidgenError(500, "the denoise stage returned no latents", code="stage_error")
+        return latents, timings, target
+
+    async def generate(self, plan: GenerationPlan, *, artifact_key: str | None = None,
+                       on_stage: StageCallback | None = None,
+                       on_progress: ProgressCallback | None = None) -> GenerationResult:
+        """Run text encoder -> denoiser -> decoder.
+
+        Args:
+            plan: the validated plan.
+            artifact_key: store the MP4 under this key in the artifact store (the Decoder
+                writes it) instead of returning its bytes.
+            on_stage: awaited with "text_encode" / "denoise" / "decode" as each stage starts.
+            on_progress: awaited with each progress event (the denoiser's per (step, window)
+                unit, then the decoder's per phase); may raise to stop.
+        """
+        t0 = time.perf_counter()
+        with tracer().start_as_current_span("generate", attributes=plan.summary() | {"windows": len(plan.windows)}):
+            carrier = carrier_for_current_span()
+            if on_stage:
+                await on_stage("text_encode")
+            embeddings, timings = await self._call("text_encode", self.text_encoder.encode.remote(plan, carrier))
+            if on_stage:
+                await on_stage("denoise")
+            latents, denoise_timings, target = await self.denoise(plan, embeddings, carrier, on_progress)
+            timings.update(denoise_timings)
+            if on_stage:
+                await on_stage("decode")
+            mp4, decode_timings = await self._decode(plan, latents, carrier, artifact_key, on_progress)
+            timings.update(decode_timings)
+        timings["total"] = time.perf_counter() - t0
+        self.stage_shares.observe(timings)
+        return GenerationResult(timings=timings, denoiser=target,
+                                text_cache="hit" if embeddings.cache_misses == 0 else "miss",
+                                mp4=mp4, artifact=artifact_key)
+
+    async def _decode(self, plan: GenerationPlan, latents: Any, carrier: dict, artifact_key: str | None,
+                      on_progress: ProgressCallback | None) -> tuple[bytes | None, dict[str, float]]:
+        """Decode to bytes (or into the artifact store under `artifact_key`), passing the
+        Decoder's phase progress on."""
+        decoder = self.decoder.options(stream=True)
+        if artifact_key is None:
+            gen = decoder.decode.remote(plan, latents, carrier, on_progress is not None)
+        else:
+            gen = decoder.decode_to_store.remote(plan, latents, artifact_key, carrier, on_progress is not None)
+        mp4, timings, done = None, {}, False
+        try:
+            async for item in gen:
+                if "progress" in item:
+                    if on_progress is not None:
+                        await on_progress(item["progress"])
+                else:
+                    mp4, timings, done = item.get("mp4"), item["timings"], True
+        except (asyncio.CancelledError, GenerationCancelled):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise map_stage_error("decode", exc, self.retry_after_s) from exc
+        finally:
+            if not done:
+                gen.cancel()  # stops ffmpeg instead of finishing a video nobody will receive
+        if not done or (artifact_key is None and mp4 is None):
+            raise VidgenError(500, "the decode stage returned no video", code="stage_error")
+        return mp4, timings

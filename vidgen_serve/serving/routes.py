@@ -1,0 +1,212 @@
+"""This product's HTTP API: sync generation, async jobs, prompt analysis, schema, health, admin.
+
+Route functions are thin: typed bodies (the OpenAPI document is generated from the
+pydantic models), auth as a dependency, and the work done by the `Ingress` services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import InvalidRequest, VidgenError, field_error
+from ..request import MAX_PROMPT_CHARS, VideoRequest, not_yet_applied, parse_request, request_schema
+from .http import admin_key, api_key, ingress_of, request_id, server_timing, warnings_header
+from .telemetry import tracer
+
+router = APIRouter()
+
+MAX_BATCH = 256  # the schema's bound; `max_batch_size` (<= 256) is the deployment's
+
+
+class BatchRequest(BaseModel):
+    """Many generations queued at once (all validated first, then all queued)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[VideoRequest] = Field(min_length=1, max_length=MAX_BATCH,
+                                         description="The requests (at most the deployment's max_batch_size).")
+
+
+class AnalyzeRequest(BaseModel):
+    """What `/v1/prompt/analyze` reads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="The prompt to analyse.")
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="A negative prompt.")
+    style: str | None = Field(None, min_length=1, max_length=64, description="A style preset name.")
+
+
+MP4_RESPONSE = {200: {"content": {"video/mp4": {}}, "description": "The MP4 file."}}
+
+
+# ---- sync generation --------------------------------------------------------------------
+
+
+@router.post("/v1/video/generate", response_class=Response, responses=MP4_RESPONSE)
+async def generate(request: Request, body: VideoRequest, key: str = Depends(api_key)) -> Response:
+    """Generate a video and return it as the response body (video/mp4).
+
+    Its capacity slot (`max_inflight_sync`) was taken before the body was read (`http.SyncSlots`).
+    """
+    ingress = ingress_of(request)
+    status = "error"
+    try:
+        plan = ingress.plan(body)
+        deadline_s = ingress.deadline(request)
+        with tracer().start_as_current_span("POST /v1/video/generate") as span:
+            span.set_attribute("request_id", request_id(request))
+            span.set_attribute("key_id", key)
+            try:
+                result = await asyncio.wait_for(ingress.orchestrator.generate(plan), timeout=deadline_s)
+            except asyncio.TimeoutError:
+                raise VidgenError(504, f"generation exceeded the {deadline_s:g}s deadline and was cancelled",
+                                  code="deadline_exceeded") from None
+        status = "ok"
+    except VidgenError as exc:
+        status = str(exc.status_code)
+        raise
+    finally:
+        ingress.metrics.requests.inc(tags={"endpoint": "generate", "status": status})
+    headers = {
+        "Server-Timing": server_timing(result.timings, {"text_cache": result.text_cache}),
+        "X-Vidgen-Denoiser": result.denoiser,
+        "X-Vidgen-Seed": str(plan.seed),
+        "Content-Disposition": 'inline; filename="video.mp4"',
+        **warnings_header(not_yet_applied(body)),
+    }
+    return Response(result.mp4, media_type="video/mp4", headers=headers)
+
+
+# ---- async jobs ---------------------------------------------------------------------------
+
+
+@router.post("/v1/video/jobs", status_code=202)
+async def submit_job(request: Request, body: VideoRequest, key: str = Depends(api_key)) -> JSONResponse:
+    """Queue a generation; poll `GET /v1/video/jobs/{job_id}`."""
+    ingress = ingress_of(request)
+    (job,) = await ingress.submit([(body, ingress.plan(body))], key)
+    return JSONResponse(job.public(), status_code=202, headers={"Location": f"/v1/video/jobs/{job.id}",
+                                                                **warnings_header(job.warnings)})
+
+
+@router.post("/v1/video/batch", status_code=202)
+async def submit_batch(request: Request, body: BatchRequest, key: str = Depends(api_key)) -> JSONResponse:
+    """Queue many generations at once: all are validated first, then all are queued."""
+    ingress = ingress_of(request)
+    limit = ingress.settings.max_batch_size
+    if len(body.requests) > limit:
+        raise InvalidRequest([field_error("requests", len(body.requests), "wrong number of requests", f"1..{limit}")])
+    planned, errors = [], []
+    for i, item in enumerate(body.requests):
+        try:
+            planned.append((item, ingress.plan(item)))
+        except InvalidRequest as exc:
+            errors += [{**d, "field": f"requests.{i}.{d['field']}"} for d in exc.details]
+    if errors:
+        raise InvalidRequest(errors)
+    jobs = await ingress.submit(planned, key)
+    warned = [f"requests.{i}.{w}" for i, job in enumerate(jobs) for w in job.warnings]
+    return JSONResponse({"jobs": [j.public() for j in jobs]}, status_code=202, headers=warnings_header(warned))
+
+
+@router.get("/v1/video/jobs/{job_id}")
+async def get_job(request: Request, job_id: str, key: str = Depends(api_key)) -> dict[str, Any]:
+    """State, current stage, progress (step i/n of window w/W), timings, error."""
+    return (await ingress_of(request).own_job(job_id, key)).public()
+
+
+@router.get("/v1/video/jobs/{job_id}/content", response_class=Response,
+            responses={**MP4_RESPONSE, 206: {"description": "Partial content (Range)."},
+                       307: {"description": "Redirect to a presigned URL (artifact_redirect)."}})
+async def job_content(request: Request, job_id: str, key: str = Depends(api_key)) -> Response:
+    """The finished MP4 (404 until the job has succeeded, 410 if it never will). Supports HTTP Range."""
+    ingress = ingress_of(request)
+    return await ingress.content(await ingress.own_job(job_id, key), request)
+
+
+@router.delete("/v1/video/jobs/{job_id}", status_code=202)
+async def cancel_job(request: Request, job_id: str, key: str = Depends(api_key)) -> JSONResponse:
+    """Cancel a job; a running one stops at the next denoising step boundary."""
+    ingress = ingress_of(request)
+    job = await ingress.cancel(await ingress.own_job(job_id, key))
+    return JSONResponse(job.public(), status_code=202)
+
+
+# ---- prompt analysis, schema, health -----------------------------------------------------
+
+
+@router.post("/v1/prompt/analyze")
+async def analyze(request: Request, body: AnalyzeRequest, key: str = Depends(api_key)) -> dict[str, Any]:
+    """How the prompt will be encoded: styled text, token counts vs the encoder's limit."""
+    ingress = ingress_of(request)
+    plan = ingress.plan(parse_request(body.model_dump(exclude_none=True), ingress.config.model_profile))
+    texts = [plan.prompts[0], plan.negative_prompt]
+    counts = await ingress.orchestrator.count_tokens(texts)
+    limit = counts["limit"]
+    warnings = []
+    for name, n in zip(("prompt", "negative_prompt"), counts["tokens"]):
+        if n > limit:
+            warnings.append(f"{name} is {n} tokens; the encoder keeps the first {limit}, the rest is ignored")
+    return {
+        "prompt": plan.prompts[0],
+        "negative_prompt": plan.negative_prompt,
+        "style": plan.style,
+        "tokens": {"prompt": counts["tokens"][0], "negative_prompt": counts["tokens"][1], "limit": limit},
+        "truncated": bool(warnings),
+        "warnings": warnings,
+    }
+
+
+@router.get("/v1/schema")
+async def schema(request: Request) -> dict[str, Any]:
+    """The request JSON Schema, plus what this deployment's profile allows."""
+    config = ingress_of(request).config
+    profile = config.model_profile
+    return {
+        "request": request_schema(profile),
+        "styles": sorted(config.styles),
+        "profile": {
+            "name": profile.name,
+            "resolutions": profile.resolutions,
+            "max_duration_s": profile.max_duration_s,
+            "max_steps": profile.max_steps,
+            "max_guidance_scale": profile.max_guidance_scale,
+            "native_fps": profile.native_fps,
+            "max_sequence_length": profile.max_sequence_length,
+        },
+    }
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: this ingress replica answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: every deployment of this application has a running replica (see `serving.readiness`)
+    and the job store answers."""
+    ready, info = await ingress_of(request).readiness()
+    return JSONResponse(info, status_code=200 if ready else 503)
+
+
+@router.get("/v1/admin/router", dependencies=[Depends(admin_key)])
+async def router_state(request: Request) -> dict[str, Any]:
+    """Failover router state, baseline, recent normalised latencies, switch history (admin keys only)."""
+    ingress = ingress_of(request)
+    if ingress.router is None:
+        return {"enabled": False, "active": "primary"}
+    return {"enabled": True, **(await ingress.router.snapshot.remote())}
+
+
+@router.get("/v1/admin/event-loop", dependencies=[Depends(admin_key)])
+async def event_loop(request: Request) -> dict[str, float]:
+    """The longest event-loop stall of this replica since the last call (admin keys only)."""
+    return ingress_of(request).loop_lag.take()
