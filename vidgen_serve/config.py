@@ -391,11 +391,13 @@ class AppConfig(BaseModel):
     def _known_profile(self) -> "AppConfig":
         if self.profile not in PROFILES:
             raise ValueError(f"profile={self.profile!r} is unknown; valid profiles: {sorted(PROFILES)}")
-        unknown = sorted(set(self.profile_overrides) - set(ModelProfile.model_fields))
+        # `tensor_parallel_size` is accepted too: the short form of `parallel.tp`.
+        valid = set(ModelProfile.model_fields) | {"tensor_parallel_size"}
+        unknown = sorted(set(self.profile_overrides) - valid)
         if unknown:
             raise ValueError(
                 f"profile_overrides: unknown field(s) {', '.join(map(repr, unknown))}; valid fields: "
-                f"{', '.join(sorted(ModelProfile.model_fields))}"
+                f"{', '.join(sorted(valid))}"
             )
         try:
             self.model_profile  # validates overrides early
