@@ -243,4 +243,29 @@ def create_app(ingress: Any) -> FastAPI:
     install_error_boundary(app)
     app.include_router(routes.router)
     app.include_router(openai_videos.router)
+    _publish_profile_bounds(app, ingress.config.model_profile)
     return app
+
+
+def _publish_profile_bounds(app: FastAPI, profile: Any) -> None:
+    """The generated OpenAPI document, with `VideoRequest` bounded by the active profile.
+
+    One source of truth for durations: the profile's `max_duration_s` (as `/v1/schema` and the
+    422 messages say), not the request model's static hard limit.
+    """
+    from fastapi.openapi.utils import get_openapi
+
+    from ..request import request_schema
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description,
+                               routes=app.routes)
+            bounded = dict(request_schema(profile, ref_template="#/components/schemas/{model}"))
+            components = spec.setdefault("components", {}).setdefault("schemas", {})
+            components.update(bounded.pop("$defs", {}))
+            components["VideoRequest"] = bounded
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
