@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from .config import StepCache
 from .errors import from_validation_error
 
 MAX_PROMPT_CHARS = 2000
@@ -72,7 +73,7 @@ class VideoRequest(BaseModel):
     )
     num_inference_steps: int | None = Field(None, ge=1, le=200, description="Sampler steps (bounded by profile).")
     guidance_scale: float | None = Field(None, ge=1.0, le=30.0, description="CFG scale (bounded by profile).")
-    step_cache: Literal["off", "first_block", "taylorseer"] | None = Field(
+    step_cache: StepCache | None = Field(
         None, description="Denoiser step caching (faster, slightly different frames); default: the profile's."
     )
 
