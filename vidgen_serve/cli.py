@@ -37,7 +37,7 @@ def _request_body(args: argparse.Namespace) -> dict:
     # Flags given on the command line override the file's fields.
     for name in ("prompt", "negative_prompt", "style", "duration", "fps", "resolution", "aspect", "seed",
                  "motion_intensity", "color_palette", "camera_motion", "temporal_consistency",
-                 "num_inference_steps", "guidance_scale"):
+                 "num_inference_steps", "guidance_scale", "step_cache"):
         value = getattr(args, name, None)
         if value is not None:
             body[name] = value
@@ -293,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temporal-consistency", dest="temporal_consistency", type=float)
     gen.add_argument("--steps", dest="num_inference_steps", type=int)
     gen.add_argument("--guidance-scale", dest="guidance_scale", type=float)
+    gen.add_argument("--step-cache", dest="step_cache", help="off | first_block | taylorseer (default: the profile's)")
     gen.add_argument("--profile", default=os.environ.get("VIDGEN_PROFILE", "tiny"))
     gen.add_argument("--parallel", metavar="tp=N,ulysses=N,cfg=N",
                      help="the denoiser's worker group layout (local process group), e.g. cfg=2, ulysses=2, "

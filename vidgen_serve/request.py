@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from .config import StepCache
 from .errors import InvalidRequest, from_validation_error
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class VideoRequest(BaseModel):
     )
     num_inference_steps: int | None = Field(None, ge=1, le=200, description="Sampler steps (bounded by profile).")
     guidance_scale: float | None = Field(None, ge=1.0, le=30.0, description="CFG scale (bounded by profile).")
-    step_cache: Literal["off", "first_block", "taylorseer"] | None = Field(
+    step_cache: StepCache | None = Field(
         None, description="Denoiser step caching (faster, slightly different frames); default: the profile's."
     )
 

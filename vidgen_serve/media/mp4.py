@@ -8,9 +8,8 @@ a failed encode never leaves half a file behind.
 
 Speed: ffmpeg's motion-compensated interpolation (`mci`) is single-threaded and dominates
 post-processing (11.8 s for 81 frames at 832x480 on an H100 host). It is run in parallel over
-time chunks, one ffmpeg per chunk: each chunk sees a few frames of its neighbours (so its motion
-search starts from the same frames as one long run) and keeps exactly the output frames it owns,
-placed on the global output clock. The chunks' frames then go through one final graph (scale,
+time chunks, one ffmpeg per chunk: each chunk sees a few frames of its neighbours (a run-in for
+its motion search) and keeps exactly the output frames it owns, placed on the global output clock. The chunks' frames then go through one final graph (scale,
 later filters, encoder). x264 and the chunk count use the replica's CPUs; H.264 is encoded by
 `h264_nvenc` where ffmpeg can open it (GPUs with NVENC: L4, L40S; not A100/H100).
 """
@@ -160,19 +159,21 @@ def select_h264_encoder(choice: str) -> str:
     return "libx264"
 
 
-# Interpolation chunks: each owns at least this many output frames, and sees this many input
-# frames of each neighbour. minterpolate's motion search starts from the previous frame's vectors,
-# so a chunk needs a run-in before its first owned frame for its vectors to be one long run's: at
-# 832x480, 4 frames left rare blocks different, 8 give identical frames (benchmarks/postprocess.py).
-MIN_CHUNK_OUTPUT_FRAMES = 24
-CHUNK_MARGIN_FRAMES = 8
+# Interpolation chunks: each owns at least MIN_CHUNK_OUTPUT_FRAMES output frames and sees
+# CHUNK_RUN_IN_FRAMES input frames before them. minterpolate's motion search starts from the
+# previous frame's vectors, so a chunk's first frames can pick other (equally good) vectors than
+# one long run: with this run-in, at 832x480 a few blocks after the joins differ (~0.1% of pixels),
+# with the same error against the true frames (benchmarks/postprocess.py, tests/media/test_postprocess.py).
+MIN_CHUNK_OUTPUT_FRAMES = 12
+CHUNK_RUN_IN_FRAMES = 8
+CHUNK_TAIL_FRAMES = 2  # minterpolate interpolates between the two frames around an instant and looks one further
 
 
 def interpolation_chunks(num_in: int, settings: EncodeSettings, workers: int) -> list[tuple[int, int, int, int]]:
     """Split the output frames into `(in_start, in_end, out_start, out_end)` chunks, one per worker.
 
     Output frame n is at time n / out_fps; the chunk owning outputs [out_start, out_end) gets
-    the input frames covering those instants plus `CHUNK_MARGIN_FRAMES` on each side.
+    the input frames covering those instants, `CHUNK_RUN_IN_FRAMES` before and `CHUNK_TAIL_FRAMES` after.
     """
     out_frames = settings.out_frames
     count = max(1, min(workers, out_frames // MIN_CHUNK_OUTPUT_FRAMES))
@@ -181,7 +182,7 @@ def interpolation_chunks(num_in: int, settings: EncodeSettings, workers: int) ->
     for out_start, out_end in zip(bounds, bounds[1:]):
         first = (out_start * settings.in_fps) // settings.out_fps
         last = -(-((out_end - 1) * settings.in_fps) // settings.out_fps)  # ceil
-        chunks.append((max(0, first - CHUNK_MARGIN_FRAMES), min(num_in, last + CHUNK_MARGIN_FRAMES + 1),
+        chunks.append((max(0, first - CHUNK_RUN_IN_FRAMES), min(num_in, last + CHUNK_TAIL_FRAMES + 1),
                        out_start, out_end))
     return chunks
 
