@@ -179,3 +179,12 @@ def test_override_values_are_yaml_scalars():
     assert (profile.compile, profile.max_steps, profile.step_cache_threshold, profile.dtype) == (
         True, 20, 0.1, "bfloat16")
     assert profile.tensor_parallel_size == 2
+
+
+def test_cli_schema_and_errors_use_the_profile_duration_limit(tmp_path, capsys):
+    """One source of truth for durations: the active profile's max_duration_s (tiny: 30)."""
+    code = main(["schema"])
+    schema = json.loads(capsys.readouterr().out)
+    assert code == 0 and (schema["properties"]["duration"]["minimum"], schema["properties"]["duration"]["maximum"]) == (1, 30)
+    code, err = run_main(capsys, "generate", "--prompt", "a", "--duration", "0", "--output", str(tmp_path / "v.mp4"))
+    assert code == 2 and "1..30" in err and "120" not in err

@@ -120,7 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             field = ".".join(str(part) for part in error["loc"])  # e.g. parallel.cfg
             messages.append(f"{field + ': ' if field else ''}{error['msg'].removeprefix('Value error, ')}")
         raise VidgenError(422, f"invalid configuration: {'; '.join(messages)}") from None
-    request = parse_request(_request_body(args))
+    request = parse_request(_request_body(args), config.model_profile)
     plan = build_plan(request, config)  # validate before loading any model
 
     from .models.loading import check_runtime
@@ -160,9 +160,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    from .config import AppConfig
     from .request import schema_json
 
-    print(schema_json())
+    # Bounded by the profile's limits (durations), as GET /v1/schema publishes them.
+    print(schema_json(AppConfig(profile=args.profile).model_profile))
     return 0
 
 
@@ -312,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.set_defaults(func=cmd_serve)
 
-    schema = sub.add_parser("schema", help="print the request JSON Schema")
+    schema = sub.add_parser("schema", help="print the request JSON Schema (bounded by the profile's limits)")
+    schema.add_argument("--profile", default=os.environ.get("VIDGEN_PROFILE", "tiny"))
     schema.set_defaults(func=cmd_schema)
 
     from .deploy.k8s import add_arguments as add_k8s_arguments
