@@ -74,17 +74,22 @@ def make_request(mix: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     return body
 
 
-def is_shed(status: int, headers: Any, body: Any) -> bool:
-    """An answer that turns load away on purpose: 429, or 503 that tells the client to retry.
+SHED_CODES = ("overloaded", "stage_unavailable")
 
-    A 503 that is not a retry advice (a stage failed, an injected fault) is a failure, as is
-    every other 5xx.
+
+def is_shed(status: int, headers: Any, body: Any) -> bool:
+    """An answer that turns load away on purpose: 429, or a 503 whose error code is in `SHED_CODES`.
+
+    A 503 for a failed stage (or an injected fault) is a failure, as is every other 5xx; without
+    a JSON body, a 503 with Retry-After counts as shedding.
     """
     if status == 429:
         return True
     if status != 503:
         return False
-    if "retry-after" in {k.lower() for k in headers}:
-        return True
+    # Every 503 carries Retry-After (an injected fault too), so the error code decides where there
+    # is one: a full queue or a replica being replaced is retry advice; anything else failed.
     code = (body or {}).get("error", {}).get("code") if isinstance(body, dict) else None
-    return code == "overloaded"
+    if code is not None:
+        return code in SHED_CODES
+    return "retry-after" in {k.lower() for k in headers}

@@ -56,6 +56,7 @@ def test_locustfile_refuses_a_remote_host():
     (503, {"retry-after": "10"}, {"error": {"code": "stage_unavailable"}}, True),
     (503, {}, {"error": {"code": "overloaded"}}, True),
     (503, {}, {"error": {"code": "injected_fault"}}, False),
+    (503, {"Retry-After": "5"}, {"error": {"code": "injected_fault"}}, False),  # every 503 has Retry-After
     (500, {}, {"error": {"code": "internal"}}, False),
     (504, {"Retry-After": "1"}, None, False),
     (200, {}, None, False),
