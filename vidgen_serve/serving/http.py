@@ -144,7 +144,10 @@ class SyncSlots:
         self.ingress = ingress
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") != GENERATE_PATH:
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted under a route prefix
+            path = path[len(root):]
+        if scope["type"] != "http" or scope.get("method") != "POST" or path != GENERATE_PATH:
             await self.app(scope, receive, send)
             return
         ingress = self.ingress
