@@ -189,15 +189,16 @@ def _field(schema: dict, name: str) -> dict:
     return prop
 
 
-def _check_schema_bounds(schema: dict) -> None:
+def _check_schema_bounds(schema: dict, max_duration: float = HARD_MAX_DURATION_S) -> None:
+    """`max_duration`: the static hard limit, or the profile's for a profile-bounded schema."""
     assert schema["additionalProperties"] is False
     assert schema["required"] == ["prompt"]
     for field, edge, _outside, _allowed in NUMERIC_BOUNDS:
         node = _field(schema, field)
         assert "minimum" in node and "maximum" in node, field
-        assert node["minimum"] <= edge <= node["maximum"]
+        assert node["minimum"] <= min(edge, max_duration if field == "duration" else edge) <= node["maximum"]
     assert (_field(schema, "fps")["minimum"], _field(schema, "fps")["maximum"]) == (15, 60)
-    assert (_field(schema, "duration")["minimum"], _field(schema, "duration")["maximum"]) == (1, HARD_MAX_DURATION_S)
+    assert (_field(schema, "duration")["minimum"], _field(schema, "duration")["maximum"]) == (1, max_duration)
     for field, values in ENUMS.items():
         assert _field(schema, field)["enum"] == values
     for field, limit in [("prompt", MAX_PROMPT_CHARS), ("negative_prompt", MAX_PROMPT_CHARS), ("style", 64)]:
@@ -205,7 +206,7 @@ def _check_schema_bounds(schema: dict) -> None:
     assert _field(schema, "keyframes")["maxItems"] == MAX_KEYFRAMES
     kf = schema["$defs"]["Keyframe"]
     assert kf["properties"]["time_s"]["minimum"] == 0
-    assert kf["properties"]["time_s"]["maximum"] == HARD_MAX_DURATION_S
+    assert kf["properties"]["time_s"]["maximum"] == max_duration
     assert kf["properties"]["prompt"]["minLength"] == 1
     # Every request field is described in the schema.
     assert set(schema["properties"]) == set(VideoRequest.model_fields)
@@ -221,7 +222,7 @@ def test_cli_schema_output_has_every_bound():
     proc = subprocess.run([sys.executable, "-m", "vidgen_serve.cli", "schema"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    _check_schema_bounds(json.loads(proc.stdout))
+    _check_schema_bounds(json.loads(proc.stdout), max_duration=30)  # bounded by the default (tiny) profile
 
 
 def test_errors_survive_pickling_with_their_status_and_details():
