@@ -25,6 +25,7 @@ __all__ = [
     "disable_unsupported_deepspeed_ops",
     "init_process_group",
     "init_tp_process_group",
+    "listen_store",
 ]
 
 
@@ -78,6 +79,7 @@ def init_process_group(
     backend: str | None = None,
     local_rank: int | None = None,
     timeout_s: float = 600.0,
+    store: dist.Store | None = None,
 ) -> str:
     """Join a ``torch.distributed`` group of ``world_size`` ranks and register it with DeepSpeed.
 
@@ -86,6 +88,10 @@ def init_process_group(
     ``MASTER_ADDR``/``MASTER_PORT``/``LOCAL_RANK`` env vars DeepSpeed reads, disables the
     DeepSpeed shm op where it would crash, then calls ``deepspeed.init_distributed`` (which
     wraps the existing torch group).  Returns the backend used.  Idempotent.
+
+    ``store``: the group's rendezvous store, when the caller holds one (rank 0's, from
+    :func:`listen_store`, or a client of it); default: a ``tcp://`` rendezvous at
+    ``master_addr:master_port``.
     """
     if backend is None:
         backend = default_backend()
@@ -104,13 +110,18 @@ def init_process_group(
 
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timeout,
-        )
+        if store is None and rank != 0:
+            store = dist.TCPStore(str(master_addr), int(master_port), world_size, is_master=False, timeout=timeout)
+        if store is not None:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://{master_addr}:{master_port}",
+                rank=rank,
+                world_size=world_size,
+                timeout=timeout,
+            )
 
     import deepspeed
     import deepspeed.comm as ds_comm
@@ -119,6 +130,17 @@ def init_process_group(
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=timeout)
     return backend
+
+
+def listen_store(host: str, world_size: int, timeout_s: float = 600.0) -> dist.TCPStore:
+    """Rank 0's rendezvous store, listening on a port the OS picks (``store.port``).
+
+    The port is bound when it is chosen and held until the group forms, so no other process
+    can take it in between (picking a free port first and binding it later races with every
+    other process opening ports on the node).
+    """
+    return dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
 
 
 #: The name the tensor-parallel code used before the group carried other layouts.

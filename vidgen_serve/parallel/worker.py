@@ -56,14 +56,19 @@ class ParallelWorker:
         self.backend: str | None = None
         self.groups = None
         self._runs: OrderedDict[Any, Any] = OrderedDict()
+        self._store = None  # rank 0's rendezvous store, from `rendezvous` until the group forms
         if master_addr is not None and master_port is not None:
             self.setup(master_addr, master_port)
 
     # -- group formation ---------------------------------------------------------------------
 
-    def rendezvous(self) -> tuple[str, int]:
-        """(node IP, a free TCP port on it): the group's master address when asked of rank 0."""
-        from ..net import find_free_port
+    def rendezvous(self, timeout_s: float = 600.0) -> tuple[str, int]:
+        """(node IP, port) of the group's rendezvous store, which this rank (rank 0) starts listening on.
+
+        The store holds its port from now until :meth:`setup`, so nothing else on the node can
+        take it in between.
+        """
+        from .process_group import listen_store
 
         try:
             import ray
@@ -71,7 +76,9 @@ class ParallelWorker:
             ip = ray.util.get_node_ip_address()
         except Exception:  # noqa: BLE001 - outside Ray
             ip = "127.0.0.1"
-        return ip, find_free_port(ip)
+        if self._store is None:
+            self._store = listen_store(ip, self.world_size, timeout_s)
+        return ip, int(self._store.port)
 
     def setup(self, master_addr: str, master_port: int, timeout_s: float = 600.0) -> dict:
         """Join the group, load this rank's part of the transformer, build its ``Denoiser``."""
@@ -96,8 +103,9 @@ class ParallelWorker:
             backend = "gloo"
         self.backend = init_process_group(
             self.rank, self.world_size, master_addr, int(master_port), backend=backend,
-            local_rank=local_rank, timeout_s=timeout_s,
+            local_rank=local_rank, timeout_s=timeout_s, store=self._store,
         )
+        self._store = None  # the process group holds it now
         self.groups = build_parallel_groups(profile.parallel)
         checkpoint = self.checkpoint or resolve_checkpoint(self.config)
         self.checkpoint = checkpoint
