@@ -23,7 +23,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import yaml
 from loadtests.common import check_target
 from loadtests.report import read_locust_csv, write_report
 from vidgen_serve.deploy.k8s import merge_config
+from vidgen_serve.net import find_free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -89,13 +89,6 @@ def scenario_serve_config(scenario: Scenario, serve_config: Path = ROOT / "serve
 # ---- the local service ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    # Ask the kernel (the torch-importing helper in vidgen_serve.parallel is too heavy for a client).
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ray_auth_token() -> str | None:
     """Ray's token, where Ray itself looks: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
     if os.environ.get("RAY_AUTH_TOKEN"):
@@ -129,7 +122,7 @@ class LocalService:
         self.start_timeout_s = start_timeout_s
         self.api_key = secrets.token_urlsafe(24)
         self.proc: subprocess.Popen | None = None
-        self.port = _free_port()
+        self.port = find_free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dashboard_url = ""
         self._temp = ""
@@ -153,7 +146,7 @@ class LocalService:
         self.config.setdefault("http_options", {}).update(host="127.0.0.1", port=self.port)
         args = self.config["applications"][0].setdefault("args", {})
         args["state_dir"] = str(self.workdir / "state")
-        dashboard = _free_port()
+        dashboard = find_free_port()
         self.dashboard_url = f"http://127.0.0.1:{dashboard}"
         # Short: Ray's socket paths live under it and must stay under 108 bytes.
         self._temp = tempfile.mkdtemp(prefix="vlt-", dir="/tmp")
@@ -163,10 +156,10 @@ class LocalService:
         env.update(self.extra_env)
         ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
         cmd = [ray_bin, "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
-               "--port", str(_free_port()), "--num-cpus", str(self.num_cpus), "--include-dashboard", "true",
+               "--port", str(find_free_port()), "--num-cpus", str(self.num_cpus), "--include-dashboard", "true",
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-               "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-               "--metrics-export-port", str(_free_port()), "--temp-dir", self._temp]
+               "--ray-client-server-port", str(find_free_port()), "--dashboard-agent-listen-port", str(find_free_port()),
+               "--metrics-export-port", str(find_free_port()), "--temp-dir", self._temp]
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / "ray-head.log", "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
