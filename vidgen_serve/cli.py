@@ -169,7 +169,11 @@ def cmd_attention(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.is_dir() or not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
         raise VidgenError(400, f"--output {args.output!r}: not a writable file path")
-    config = _config(args)
+    try:
+        config = _config(args)
+    except ValidationError as exc:
+        messages = [e["msg"].removeprefix("Value error, ") for e in exc.errors(include_url=False)]
+        raise VidgenError(422, f"invalid configuration: {'; '.join(messages)}") from None
     fields = {k: v for k, v in (("prompt", args.prompt), ("style", args.style), ("seed", args.seed),
                                 ("steps", args.steps), ("frames", args.frames)) if v is not None}
     try:
