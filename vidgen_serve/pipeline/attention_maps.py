@@ -188,7 +188,7 @@ def render_grid(columns: torch.Tensor, labels: list[str]) -> tuple[bytes, dict[s
         draw.text((x, 2), text, fill=(0, 0, 0), font=font)
         for r in range(rows):
             y = HEADER_PX + r * (cell_h + GAP_PX)
-            gray = Image.fromarray(pixels[r, c], mode="L").resize((cell_w, cell_h), Image.Resampling.NEAREST)
+            gray = Image.fromarray(pixels[r, c]).resize((cell_w, cell_h), Image.Resampling.NEAREST)
             canvas.paste(ImageOps.colorize(gray, black=(0, 0, 4), mid=(188, 55, 84), white=(252, 255, 164)), (x, y))
     for r in range(rows):
         draw.text((2, HEADER_PX + r * (cell_h + GAP_PX) + 2), f"f{r}", fill=(0, 0, 0), font=font)
