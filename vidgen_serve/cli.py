@@ -159,6 +159,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attention(args: argparse.Namespace) -> int:
+    """Cross-attention maps of a prompt, in-process: the PNG to --output, the document (JSON) to stdout."""
+    from pydantic import ValidationError
+
+    from .attention import AttentionRequest, attention_plan, check_attention_supported
+    from .errors import from_validation_error
+
+    output = Path(args.output)
+    if output.is_dir() or not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
+        raise VidgenError(400, f"--output {args.output!r}: not a writable file path")
+    try:
+        config = _config(args)
+    except ValidationError as exc:
+        messages = [e["msg"].removeprefix("Value error, ") for e in exc.errors(include_url=False)]
+        raise VidgenError(422, f"invalid configuration: {'; '.join(messages)}") from None
+    fields = {k: v for k, v in (("prompt", args.prompt), ("style", args.style), ("seed", args.seed),
+                                ("steps", args.steps), ("frames", args.frames)) if v is not None}
+    try:
+        body = AttentionRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise from_validation_error(exc, AttentionRequest.model_json_schema()) from None
+    check_attention_supported(config)
+    plan = attention_plan(body, config)  # validated before any model loads
+
+    from .models.loading import check_runtime, resolve_checkpoint
+    from .pipeline.attention_maps import attention_maps
+    from .pipeline.denoiser import Denoiser
+    from .pipeline.text_encoder import TextEncoder
+
+    check_runtime(config.model_profile)
+    checkpoint = resolve_checkpoint(config)
+    text_encoder = TextEncoder(config, checkpoint)
+    result = attention_maps(Denoiser(config, checkpoint), plan, text_encoder.encode(plan),
+                            text_encoder.tokens(plan.prompts[0]), body.prompt)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_bytes(result.png)
+    tmp.replace(output)
+    print(json.dumps({**result.document(), "output": str(output)}, ensure_ascii=False))
+    grid = result.grid
+    print(f"wrote {output} ({grid['width']}x{grid['height']}: {grid['rows']} frames x {grid['cols']} columns)",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from .config import AppConfig
     from .request import schema_json
@@ -313,6 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.set_defaults(func=cmd_serve)
+
+    att = sub.add_parser("attention", help="cross-attention maps of a prompt (PNG grid: frames x tokens), in-process")
+    att.add_argument("prompt")
+    att.add_argument("--output", "-o", required=True, help="PNG file to write")
+    att.add_argument("--steps", type=int, help="denoising steps (default 4, at most 10)")
+    att.add_argument("--frames", type=int, help="latent frames = grid rows (default 3, at most 8)")
+    att.add_argument("--seed", type=int)
+    att.add_argument("--style")
+    att.add_argument("--profile", default=os.environ.get("VIDGEN_PROFILE", "tiny"))
+    att.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a profile field (repeatable; same names as profile_overrides)")
+    att.set_defaults(func=cmd_attention)
 
     schema = sub.add_parser("schema", help="print the request JSON Schema (bounded by the profile's limits)")
     schema.add_argument("--profile", default=os.environ.get("VIDGEN_PROFILE", "tiny"))

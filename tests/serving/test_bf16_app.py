@@ -77,3 +77,48 @@ def test_bf16_profile_serves_the_bf16_video(base_url, probe_mp4, pipeline, tiny_
     frames = served["frames"].astype(int)
     assert np.abs(frames - bf16.astype(int)).mean() < 0.1  # the bf16 pipeline, as run in-process
     assert np.abs(frames - fp32.astype(int)).mean() > 0.2  # not the float32 one
+
+
+def test_prompt_attention_served_by_the_denoiser_replica(base_url, tiny_config):
+    """`POST /v1/prompt/attention`: JSON (PNG in png_base64) or, with Accept: image/png, the PNG itself;
+    the maps are the in-process bf16 stages' maps of the same plan."""
+    import base64
+    import io
+    import json
+
+    import httpx
+    import torch
+    from PIL import Image
+
+    from vidgen_serve.attention import AttentionRequest, attention_plan
+    from vidgen_serve.config import AppConfig
+    from vidgen_serve.pipeline.attention_maps import attention_maps
+    from vidgen_serve.pipeline.denoiser import Denoiser
+    from vidgen_serve.pipeline.text_encoder import TextEncoder
+
+    body = {"prompt": "主体:熊猫;动作:吃竹子", "seed": 5, "steps": 2, "frames": 2}
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(f"{base_url}/v1/prompt/attention", json=body, headers=auth, timeout=600, trust_env=False)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["frames"] == 2 and doc["grid"]["rows"] == 2
+    assert [f["name"] for f in doc["fields"]] == ["主体", "动作"]
+    assert doc["grid"]["cols"] == len(doc["tokens"]) + 2 and "</s>" not in doc["tokens"]
+    png = base64.b64decode(doc["png_base64"])
+    assert Image.open(io.BytesIO(png)).size == (doc["grid"]["width"], doc["grid"]["height"])
+    r = httpx.post(f"{base_url}/v1/prompt/attention", json=body, headers={**auth, "Accept": "image/png"},
+                   timeout=600, trust_env=False)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert json.loads(r.headers["X-Vidgen-Columns"]) == doc["tokens"] + ["主体", "动作"]
+    assert Image.open(io.BytesIO(r.content)).size == (doc["grid"]["width"], doc["grid"]["height"])
+    config = AppConfig(profile_overrides=BF16)
+    plan = attention_plan(AttentionRequest(**body), config)
+    text_encoder = TextEncoder(config)
+    local = attention_maps(Denoiser(config), plan, text_encoder.encode(plan), text_encoder.tokens(plan.prompts[0]),
+                           body["prompt"])
+    assert local.tokens == doc["tokens"]
+    torch.testing.assert_close(torch.tensor(doc["mean_weights"]), torch.tensor(local.token_weights),
+                               atol=1e-3, rtol=0)
+    bad = httpx.post(f"{base_url}/v1/prompt/attention", json={**body, "steps": 99}, headers=auth, timeout=60,
+                     trust_env=False)
+    assert bad.status_code == 422 and bad.json()["error"]["details"][0]["field"] == "steps"

@@ -226,3 +226,32 @@ def test_a_broken_store_fails_the_replica_start_naming_it(tmp_path, s3_server):
             await decoder.__init__(settings.model, settings)
 
     asyncio.run(body())
+
+
+def test_prompt_attention_bad_input_is_422_and_parallel_profile_is_501(tmp_path):
+    from vidgen_serve.config import AppConfig
+
+    url = "/v1/prompt/attention"
+
+    async def body():
+        async with serving(_settings(tmp_path)) as (client, _):
+            assert (await client.post(url, json={"prompt": "a fox"})).status_code == 401
+            # Rejected before any stage is called (these fake stages have no attention methods).
+            assert _detail(await client.post(url, json={"prompt": "a fox", "steps": 0}, headers=AUTH),
+                           "steps")["allowed"] == "1..10"
+            assert _detail(await client.post(url, json={"prompt": "a fox", "frames": 9}, headers=AUTH),
+                           "frames")["allowed"] == "1..8"
+            _detail(await client.post(url, json={"prompt": "x" * 501}, headers=AUTH), "prompt")
+            _detail(await client.post(url, json={"prompt": ""}, headers=AUTH), "prompt")
+            assert "realistic" in _detail(await client.post(url, json={"prompt": "a fox", "style": "vaporwave"},
+                                                            headers=AUTH), "style")["allowed"]
+            _detail(await client.post(url, json={"prompt": "a fox", "duration": 3}, headers=AUTH), "duration")
+            spec = (await client.get("/openapi.json")).json()
+            assert "image/png" in spec["paths"][url]["post"]["responses"]["200"]["content"]
+        parallel = _settings(tmp_path / "tp", model=AppConfig(profile_overrides={"parallel": {"tp": 2}}))
+        async with serving(parallel) as (client, _):
+            resp = await client.post(url, json={"prompt": "a fox"}, headers=AUTH)
+            assert resp.status_code == 501, resp.text
+            assert resp.json()["error"]["code"] == "not_implemented" and "tp=2" in resp.json()["error"]["message"]
+
+    asyncio.run(body())

@@ -73,6 +73,30 @@ class TextEncoder:
         with self._tokenizer_lock:
             return len(self.tokenizer(cleaned, add_special_tokens=True)["input_ids"])
 
+    def tokens(self, text: str) -> dict:
+        """The tokens of `text` as the encoder sees them (cleaned, truncated to its limit), without
+        the end token and padding: {"text": cleaned text, "labels": [...], "spans": [[start, end]]
+        (character spans in "text"; [0, 0] where the tokenizer gives none), "positions": [...]
+        (each token's index in the embeddings)}."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        cleaned = prompt_clean(text)
+        fast = getattr(self.tokenizer, "is_fast", False)
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(cleaned, truncation=True, max_length=self.max_sequence_length,
+                                     add_special_tokens=True, return_offsets_mapping=fast)
+            pieces = self.tokenizer.convert_ids_to_tokens(encoded["input_ids"])
+        special = set(self.tokenizer.all_special_ids)
+        spans = encoded["offset_mapping"] if fast else [(0, 0)] * len(pieces)
+        out: dict = {"text": cleaned, "labels": [], "spans": [], "positions": []}
+        for i, (token_id, piece, (start, end)) in enumerate(zip(encoded["input_ids"], pieces, spans)):
+            if token_id in special:
+                continue
+            out["labels"].append(cleaned[start:end].strip() or piece if end > start else piece)
+            out["spans"].append([start, end])
+            out["positions"].append(i)
+        return out
+
     def _encode_text(self, text: str) -> tuple[torch.Tensor, bool]:
         with self._lock:
             cached = self._cache.get(text)

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..attention import AttentionRequest
 from ..errors import InvalidRequest, VidgenError, field_error
 from ..request import MAX_PROMPT_CHARS, VideoRequest, not_yet_applied, parse_request, request_schema
 from .http import admin_key, api_key, ingress_of, request_id, server_timing, warnings_header
@@ -161,6 +162,34 @@ async def analyze(request: Request, body: AnalyzeRequest, key: str = Depends(api
         "truncated": bool(warnings),
         "warnings": warnings,
     }
+
+
+@router.post("/v1/prompt/attention", response_class=Response,
+             responses={200: {"content": {"application/json": {}, "image/png": {}},
+                              "description": "Maps as JSON (PNG in png_base64), or the PNG with Accept: image/png."},
+                        501: {"description": "Not available on a parallel (multi-process) denoiser profile."}})
+async def prompt_attention(request: Request, body: AttentionRequest, key: str = Depends(api_key)) -> Response:
+    """Cross-attention maps of a short low-resolution generation: per latent frame, per prompt token
+    (and structured field), where the transformer looked (see `serving.attention`)."""
+    from .attention import attention_response, run_attention
+
+    ingress = ingress_of(request)
+    status = "error"
+    try:
+        deadline_s = ingress.deadline(request)
+        try:
+            result = await asyncio.wait_for(run_attention(ingress.orchestrator, ingress.config, body),
+                                            timeout=deadline_s)
+        except asyncio.TimeoutError:
+            raise VidgenError(504, f"attention maps exceeded the {deadline_s:g}s deadline",
+                              code="deadline_exceeded") from None
+        status = "ok"
+    except VidgenError as exc:
+        status = str(exc.status_code)
+        raise
+    finally:
+        ingress.metrics.requests.inc(tags={"endpoint": "attention", "status": status})
+    return attention_response(result, request.headers.get("accept"))
 
 
 @router.get("/v1/schema")

@@ -29,7 +29,7 @@ from ..pipeline.text_encoder import PromptEmbeddings, TextEncoder
 from ..plan import GenerationPlan
 from .autoscaling import QueueDepthProbe
 from .faults import FaultInjection, inject_faults
-from .telemetry import StageMetrics, configure_tracing, stage_call
+from .telemetry import StageMetrics, child_span, configure_tracing, stage_call
 
 logger = logging.getLogger("vidgen_serve.stages")
 
@@ -75,6 +75,10 @@ class TextEncoderDeployment(_QueueDepthStats):
     def count_tokens(self, texts: list[str]) -> dict[str, Any]:
         """Token counts of `texts` and the encoder's limit (for /v1/prompt/analyze)."""
         return {"tokens": [self.stage.count_tokens(t) for t in texts], "limit": self.stage.max_sequence_length}
+
+    def tokens(self, text: str) -> dict[str, Any]:
+        """The tokens of `text` as the encoder sees them (labels, spans, positions; for attention maps)."""
+        return self.stage.tokens(text)
 
 
 class DenoiserDeployment(_QueueDepthStats):
@@ -138,6 +142,22 @@ class DenoiserDeployment(_QueueDepthStats):
                                       headers={"Retry-After": str(self.retry_after_s)}) from exc
                 raise
         yield {"latents": latents, "timings": {"denoise": call.seconds}, "role": self.role}
+
+    async def attention(self, plan: GenerationPlan, embeddings: PromptEmbeddings, tokens: dict[str, Any],
+                        prompt: str, carrier: dict | None = None) -> dict[str, Any]:
+        """Run `plan` (an attention plan) while capturing cross-attention; the maps' document and PNG
+        (see `pipeline.attention_maps`). On this replica's worker thread, between other runs."""
+        from ..pipeline.attention_maps import attention_maps
+
+        if not isinstance(self.stage, Denoiser):
+            raise VidgenError(501, "attention maps need a single-process denoiser, not a parallel worker group",
+                              code="not_implemented")
+        loop = asyncio.get_running_loop()
+        # Its own span, not the denoise latency histogram (a debugging run is not a generation).
+        with child_span("attention", carrier, role=self.role, steps=plan.num_inference_steps):
+            maps = await loop.run_in_executor(self._executor, attention_maps, self.stage, plan, embeddings, tokens,
+                                              prompt)
+        return {**maps.document(), "png": maps.png}
 
     def check_health(self) -> None:
         """Serve calls this periodically; a broken parallel worker group makes the replica unhealthy."""
