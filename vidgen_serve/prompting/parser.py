@@ -55,8 +55,8 @@ _DIRECTIVES = [
     # at 3s: … / after 5 seconds … / at 2.5 s, … / from 4 sec on, …
     re.compile(r"\b(?:at|after|from)\s+" + _NUM + r"\s*(?:s|sec|secs|second|seconds)\b(?:\s+(?:on|onwards))?"
                r"\s*[:：,，]?\s*", re.I),
-    # 3s: …
-    re.compile(r"(?<![\w.])" + _NUM + r"\s*(?:s|sec|secs|seconds)\s*[:：]\s*", re.I),
+    # 3s: … (opening a clause, at most 3 digits: "the 1990s: …" is not a time)
+    re.compile(r"(?:^|(?<=[;；,，。.!！?？\n]))\s*(\d{1,3}(?:\.\d+)?)\s*(?:s|sec|secs|seconds)\s*[:：]\s*", re.I),
 ]
 # Negative markers: anywhere in a clause (Chinese imperatives, `without`), or only opening it.
 _NEG_ANYWHERE = re.compile(
@@ -209,7 +209,7 @@ def parse_prompt(text: str) -> ParsedPrompt:
             parsed.warnings.append(f"empty value for key {key!r}; ignored")
             continue
         if name == "negative":
-            parsed.negatives.append(_clean(value))
+            parsed.negatives += [n for n in (_clean(v) for v in re.split(r"[,，、]", value)) if n]
             continue
         value = _clean(_take(value, parsed))
         if not value:
@@ -219,7 +219,7 @@ def parse_prompt(text: str) -> ParsedPrompt:
             parsed.unknown_keys[key] = value
             parsed.free_text.append(f"{key}{'：' if has_cjk(key) else ': '}{value}")
         elif name in parsed.fields:
-            parsed.fields[name] = f"{parsed.fields[name]}, {value}"
+            parsed.fields[name] += ("，" if has_cjk(value) else ", ") + value
         else:
             parsed.fields[name] = value
     _check_words(parsed)
@@ -227,9 +227,10 @@ def parse_prompt(text: str) -> ParsedPrompt:
 
 
 def _check_words(parsed: ParsedPrompt) -> None:
-    if not any(_WORD.search(v) for v in [*parsed.fields.values(), *parsed.free_text]):
-        if parsed.negatives or parsed.directives:
-            parsed.warnings.append("the prompt has nothing to show at the start "
-                                   "(only negative phrases or time directives)")
-        else:
-            parsed.warnings.append("the prompt has no words (only separators or symbols); nothing to condition on")
+    if any(_WORD.search(v) for v in [*parsed.fields.values(), *parsed.free_text]):
+        return
+    if _WORD.search(parsed.text):
+        parsed.warnings.append("the prompt has nothing to show at the start "
+                               "(only negative phrases or time directives)")
+    else:
+        parsed.warnings.append("the prompt has no words (only separators or symbols); nothing to condition on")
