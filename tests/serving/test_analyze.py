@@ -119,3 +119,18 @@ def test_cli_analyze_errors_name_the_field(capsys):
     assert code == 2 and "style='nope'" in err and "realistic" in err
     code, err = cli(capsys, "a cat", "--duration", "0")
     assert code == 2 and "duration=0.0" in err
+
+
+def test_a_generation_reports_the_prompts_warnings(tmp_path):
+    body = {"prompt": "subject: fox; weather: snowy; at 9s: night", "duration": 2, "resolution": "480p",
+            "keyframes": [{"time_s": 1, "prompt": "a fox asleep"}]}
+
+    async def run():
+        async with ingress_app(ServeSettings(state_dir=tmp_path)) as (client, _):
+            r = await client.post("/v1/video/jobs", json=body, headers=AUTH)
+            return r.status_code, r.headers.get("x-vidgen-warnings", ""), r.json()
+
+    status, header, job = asyncio.run(run())
+    assert status == 202, job
+    assert "prompt: unknown key 'weather'" in header and "past the video's duration" in header
+    assert "keyframes" not in header  # keyframes are applied: no "not applied yet" warning

@@ -85,7 +85,7 @@ async def generate(request: Request, body: VideoRequest, key: str = Depends(api_
         "X-Vidgen-Denoiser": result.denoiser,
         "X-Vidgen-Seed": str(plan.seed),
         "Content-Disposition": 'inline; filename="video.mp4"',
-        **warnings_header(not_yet_applied(body)),
+        **warnings_header(not_yet_applied(body) + [f"prompt: {w}" for w in plan.prompt_warnings]),
     }
     return Response(result.mp4, media_type="video/mp4", headers=headers)
 
