@@ -58,8 +58,9 @@ class GenerationPlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     # Text
-    prompts: list[str] = Field(description="Distinct positive prompts (after the style template).")
-    negative_prompt: str = Field(description="Negative prompt (style + user).")
+    prompts: list[str] = Field(description="Distinct positive prompts (style template + control descriptors); "
+                               "[0] is in force from t=0, keyframes' follow (see windows' prompt_weights).")
+    negative_prompt: str = Field(description="Negative prompt: the user's, the prompt's negative phrases, the style's.")
     style: str
     # Sampler
     seed: int

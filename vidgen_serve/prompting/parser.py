@@ -198,7 +198,8 @@ def parse_prompt(text: str) -> ParsedPrompt:
     for m, segment in keyed:
         if not segment.strip(_STRIP):
             continue
-        if m is None or _next_directive(segment, 0) is not None and _next_directive(segment, 0).start() == 0:
+        opening = _next_directive(segment, 0)
+        if m is None or (opening is not None and opening.start() == 0):  # free text, or `第6秒: …`
             rest = _clean(_take(segment, parsed))
             if rest:
                 parsed.free_text.append(rest)
