@@ -188,3 +188,17 @@ def test_cli_schema_and_errors_use_the_profile_duration_limit(tmp_path, capsys):
     assert code == 0 and (schema["properties"]["duration"]["minimum"], schema["properties"]["duration"]["maximum"]) == (1, 30)
     code, err = run_main(capsys, "generate", "--prompt", "a", "--duration", "0", "--output", str(tmp_path / "v.mp4"))
     assert code == 2 and "1..30" in err and "120" not in err
+
+
+def test_analyze_prints_the_analysis_document(capsys):
+    code = main(["analyze", "，；:" * 666 + "，;", "--duration", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    doc = json.loads(out)
+    assert len(doc["prompt"]) == 2000 and any("no words" in w for w in doc["warnings"])
+    assert doc["tokens"]["limit"] == 64 and doc["windows"][0]["prompt_weights"] == [{"prompt": 0, "weight": 1.0}]
+    code = main(["analyze", "主体:熊猫;动作:吃竹子;风格:水墨", "--camera-motion", "zoom"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["style"] == "ink-wash"
+    assert doc["prompts"][0].startswith("熊猫吃竹子, Chinese ink wash painting") and doc["prompts"][0].endswith(
+        "camera slowly zooms in")

@@ -122,7 +122,9 @@ def test_plan_carries_request_and_style():
     plan = build_plan(VideoRequest(prompt="a cat", negative_prompt="dogs", style="anime", seed=7,
                                    num_inference_steps=3, guidance_scale=2.5, motion_intensity=0.5,
                                    color_palette="warm", camera_motion="pan"), config)
-    assert plan.prompts == [config.styles["anime"].prompt_template.format(prompt="a cat")]
+    # The style template, then the creative controls' descriptors (warm palette, camera pan).
+    assert plan.prompts == [config.styles["anime"].prompt_template.format(prompt="a cat")
+                            + ", warm color palette, golden tones, camera pans horizontally"]
     assert plan.negative_prompt == "dogs, " + config.styles["anime"].negative_template
     assert (plan.seed, plan.num_inference_steps, plan.guidance_scale) == (7, 3, 2.5)
     assert (plan.motion_intensity, plan.color_palette, plan.camera_motion) == (0.5, "warm", "pan")

@@ -212,6 +212,33 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Print how a prompt is read and encoded: the same JSON document as POST /v1/prompt/analyze."""
+    from .config import AppConfig
+    from .prompting.analysis import analysis_document, analyze
+    from .request import parse_request
+
+    config = AppConfig(profile=args.profile)
+    body: dict = {"prompt": args.prompt}
+    for name in ("negative_prompt", "style", "duration", "motion_intensity", "color_palette", "camera_motion",
+                 "temporal_consistency"):
+        if getattr(args, name, None) is not None:
+            body[name] = getattr(args, name)
+    analysis = analyze(parse_request(body, config.model_profile), config)
+    tokens, error = None, None
+    try:  # only the tokenizer: no encoder weights are loaded to count tokens
+        from .models.loading import load_tokenizer, resolve_checkpoint
+        from .pipeline.text_encoder import count_tokens
+
+        tokenizer = load_tokenizer(resolve_checkpoint(config))
+        tokens = [count_tokens(tokenizer, text) for text in analysis.texts]
+    except VidgenError as exc:
+        error = exc.message
+    document = analysis_document(analysis, tokens, config.model_profile.max_sequence_length, token_error=error)
+    print(json.dumps(document, ensure_ascii=False, indent=2))
+    return 0
+
+
 def _local_key_file(state_dir: Path) -> Path:
     """A per-checkout API key for local use, created once (mode 0600)."""
     import secrets
@@ -373,6 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the request JSON Schema (bounded by the profile's limits)")
     schema.add_argument("--profile", default=os.environ.get("VIDGEN_PROFILE", "tiny"))
     schema.set_defaults(func=cmd_schema)
+
+    ana = sub.add_parser("analyze", help="show how a prompt is parsed, scheduled over the windows and tokenised "
+                                         "(the JSON of POST /v1/prompt/analyze)")
+    ana.add_argument("prompt")
+    ana.add_argument("--duration", type=float)
+    ana.add_argument("--style")
+    ana.add_argument("--negative-prompt", dest="negative_prompt")
+    ana.add_argument("--motion-intensity", dest="motion_intensity", type=float)
+    ana.add_argument("--color-palette", dest="color_palette")
+    ana.add_argument("--camera-motion", dest="camera_motion")
+    ana.add_argument("--temporal-consistency", dest="temporal_consistency", type=float)
+    ana.add_argument("--profile", default=os.environ.get("VIDGEN_PROFILE", "tiny"))
+    ana.set_defaults(func=cmd_analyze)
 
     from .deploy.k8s import add_arguments as add_k8s_arguments
 

@@ -14,10 +14,11 @@ import math
 import secrets
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .config import AppConfig, ModelProfile, output_size
 from .errors import InvalidRequest, field_error
+from .prompting import build_schedule, window_prompt_weights
 from .request import Keyframe, VideoRequest, duration_limit
 
 VAE_TEMPORAL = 4
@@ -32,7 +33,19 @@ class Window(BaseModel):
 
     start: int
     end: int
-    prompt_index: int = 0  # which of plan.prompts conditions this window
+    prompt_index: int = 0  # the dominant one of `prompt_weights` (the only one for a single prompt)
+    prompt_weights: list[tuple[int, float]] = Field(
+        default_factory=list,
+        description="(index into plan.prompts, weight): the window is conditioned on the weighted sum of these "
+        "prompts' embeddings, by the share of its frames under each; default [(prompt_index, 1.0)].",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_weights(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("prompt_weights"):
+            data = {**data, "prompt_weights": [(data.get("prompt_index", 0), 1.0)]}
+        return data
 
     @property
     def length(self) -> int:
@@ -45,8 +58,9 @@ class GenerationPlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     # Text
-    prompts: list[str] = Field(description="Distinct positive prompts (after the style template).")
-    negative_prompt: str = Field(description="Negative prompt (style + user).")
+    prompts: list[str] = Field(description="Distinct positive prompts (style template + control descriptors); "
+                               "[0] is in force from t=0, keyframes' follow (see windows' prompt_weights).")
+    negative_prompt: str = Field(description="Negative prompt: the user's, the prompt's negative phrases, the style's.")
     style: str
     # Sampler
     seed: int
@@ -74,7 +88,11 @@ class GenerationPlan(BaseModel):
     color_palette: str
     camera_motion: str
     temporal_consistency: float
-    keyframes: list[Keyframe] = Field(default_factory=list)
+    keyframes: list[Keyframe] = Field(
+        default_factory=list,
+        description="The prompt schedule: the request's keyframes and the prompt's time directives, in time order.",
+    )
+    prompt_warnings: list[str] = Field(default_factory=list, description="What the prompt parser could not use.")
 
     @property
     def window_tokens(self) -> int:
@@ -107,6 +125,7 @@ class GenerationPlan(BaseModel):
             "frames": self.num_frames,
             "latent": [self.latent_frames, self.latent_height, self.latent_width],
             "windows": [(w.start, w.end) for w in self.windows],
+            "window_prompts": [[(i, round(x, 4)) for i, x in w.prompt_weights] for w in self.windows],
             "output": f"{self.output_width}x{self.output_height}@{self.output_fps}",
             "output_frames": self.output_num_frames,
             "steps": self.num_inference_steps,
@@ -141,6 +160,13 @@ def sliding_windows(latent_frames: int, window: int, overlap: int) -> list[Windo
     starts = list(range(0, latent_frames - window, stride))
     starts.append(latent_frames - window)
     return [Window(start=s, end=s + window) for s in starts]
+
+
+def _with_prompts(window: Window, native_fps: int, times: list[tuple[float, int]]) -> Window:
+    """`window` with the prompts in force over its frames (keyframe schedule `times`)."""
+    weights = window_prompt_weights(window.start, window.end, native_fps, times, VAE_TEMPORAL)
+    dominant = max(weights, key=lambda iw: iw[1])[0]  # first of equals: the earlier prompt
+    return Window(start=window.start, end=window.end, prompt_index=dominant, prompt_weights=weights)
 
 
 def _check_profile_bounds(request: VideoRequest, config: AppConfig, profile: ModelProfile) -> None:
@@ -191,16 +217,15 @@ def build_plan(request: VideoRequest, config: AppConfig, seed: int | None = None
     """
     profile = config.model_profile
     _check_profile_bounds(request, config, profile)
-    style = config.styles[request.style]
+    schedule = build_schedule(request, config.styles)  # structured fields, negatives, time directives
 
     native_w, native_h = profile.native_sizes[request.aspect]
     num_frames = native_frame_count(request.duration, profile.native_fps)
     latent_frames = (num_frames - 1) // VAE_TEMPORAL + 1
     window_latent = (profile.max_window_frames - 1) // VAE_TEMPORAL + 1
     overlap = overlap_for(request.temporal_consistency, window_latent)
-    windows = sliding_windows(latent_frames, window_latent, overlap)
-
-    negative = ", ".join(p for p in (request.negative_prompt, style.negative_template) if p)
+    windows = [_with_prompts(w, profile.native_fps, schedule.times())
+               for w in sliding_windows(latent_frames, window_latent, overlap)]
     out_w, out_h = output_size(request.resolution, request.aspect)
     if request.seed is not None:
         seed = request.seed
@@ -208,9 +233,9 @@ def build_plan(request: VideoRequest, config: AppConfig, seed: int | None = None
         seed = secrets.randbits(63)
 
     return GenerationPlan(
-        prompts=[style.prompt_template.format(prompt=request.prompt)],
-        negative_prompt=negative,
-        style=request.style,
+        prompts=schedule.prompts,
+        negative_prompt=schedule.negative_prompt,
+        style=schedule.style,
         seed=seed,
         num_inference_steps=request.num_inference_steps or profile.default_steps,
         guidance_scale=request.guidance_scale or profile.default_guidance_scale,
@@ -233,5 +258,6 @@ def build_plan(request: VideoRequest, config: AppConfig, seed: int | None = None
         color_palette=request.color_palette,
         camera_motion=request.camera_motion,
         temporal_consistency=request.temporal_consistency,
-        keyframes=list(request.keyframes or []),
+        keyframes=[Keyframe(time_s=k.time_s, prompt=schedule.prompts[k.prompt_index]) for k in schedule.keyframes],
+        prompt_warnings=schedule.warnings,
     )

@@ -120,7 +120,6 @@ def not_yet_applied(request: VideoRequest) -> list[str]:
         "motion_intensity": "accepted but not applied yet (the amount of motion is the model's own)",
         "color_palette": "accepted but not applied yet (no colour grade)",
         "camera_motion": "accepted but not applied yet (no camera move)",
-        "keyframes": "accepted but not applied yet (one prompt for the whole video)",
         "temporal_consistency": "only the sliding-window overlap is applied; seam blending and deflicker are not yet",
     }
     warnings = []

@@ -246,3 +246,17 @@ def test_cfg2_with_guidance_1_runs_one_pass_per_rank(rank_pool, prompts, referen
     assert diff <= LATENT_ATOL
     # ...and guidance 1 is really a different generation from guidance 5.
     assert (reference[("float32", 1.0)] - reference[("float32", 5.0)]).abs().max().item() > 1e-2
+
+
+def test_keyframed_windows_match_one_rank(rank_pool, pipeline, tiny_config):
+    """Every rank's `DenoiseRun` conditions each window on its blend of prompts (a keyframe at 6 s of
+    12: three windows, the middle one across the change), as one rank does."""
+    body = {"prompt": PROMPT, "duration": 12, "resolution": "480p", "aspect": "1:1", "seed": 11,
+            "num_inference_steps": 2, "keyframes": [{"time_s": 6, "prompt": "a green meadow at dawn"}]}
+    plan = build_plan(parse_request(body), tiny_config)
+    assert [len(w.prompt_weights) for w in plan.windows] == [1, 2, 1] and len(plan.prompts) == 2
+    emb = pipeline.text_encoder.encode(plan)
+    ref = pipeline.denoiser.denoise(plan, emb)
+    out = rank_pool().run(_generate_worker, 2, {"parallel": {"tp": 2}}, plan, emb, timeout=300)
+    diff = (out["latents"] - ref).abs().max().item()
+    assert diff <= LATENT_ATOL, f"keyframed TP=2 latents differ from one rank by {diff:.3g}"

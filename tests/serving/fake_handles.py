@@ -80,7 +80,8 @@ def decoder_stream(fn, store: bool):
     return stream
 
 
-def make_stages(calls, *, denoise=None, standby_denoise=None, route="primary", decode=None, decode_to_store=None):
+def make_stages(calls, *, denoise=None, standby_denoise=None, route="primary", decode=None, decode_to_store=None,
+                count_tokens=None):
     """An orchestrator over fake stages: 2 denoising steps, MP4 bytes b"MP4LATENTS"."""
     async def encode(plan, carrier):
         return SimpleNamespace(cache_misses=1), {"text_encode": 0.01}
@@ -103,7 +104,7 @@ def make_stages(calls, *, denoise=None, standby_denoise=None, route="primary", d
     async def record(target, seconds, work_units, ok):
         return None
 
-    text = FakeHandle(calls, encode=encode)
+    text = FakeHandle(calls, encode=encode, **({"count_tokens": count_tokens} if count_tokens else {}))
     denoisers = {"primary": FakeHandle(calls, denoise=denoise or default_denoise),
                  "standby": FakeHandle(calls, denoise=standby_denoise or default_denoise)}
     decoder = FakeHandle(calls, decode=decoder_stream(decode or default_decode, store=False),
@@ -128,16 +129,18 @@ def storing_decoder(store, before=None):
 
 
 @contextlib.asynccontextmanager
-async def ingress_app(settings, *, denoise=None, decode=None, before_store=None):
+async def ingress_app(settings, *, denoise=None, decode=None, before_store=None, count_tokens=None):
     """A real `Ingress` (app, routes, job runner, stores) over fake stages; yields (client, ingress).
 
-    The fake decoder writes VIDEO to the configured artifact store, after `before_store()`.
+    The fake decoder writes VIDEO to the configured artifact store, after `before_store()`;
+    `count_tokens(texts)` (a coroutine function) answers the text encoder's token counts.
     """
     from vidgen_serve.serving.ingress import Ingress
 
     store = settings.open_artifact_store()
     await store.start()
-    orch = make_stages([], denoise=denoise, decode=decode, decode_to_store=storing_decoder(store, before_store))
+    orch = make_stages([], denoise=denoise, decode=decode, decode_to_store=storing_decoder(store, before_store),
+                       count_tokens=count_tokens)
     ingress = object.__new__(Ingress)  # its constructor is async (Serve awaits it)
     await ingress.__init__(settings, orch.text_encoder, orch.denoisers, orch.decoder, orch.router)
     app = ingress.__serve_build_asgi_app__()

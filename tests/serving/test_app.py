@@ -423,6 +423,15 @@ def test_prompt_analyze(env):
     assert a["tokens"]["limit"] == 64
     assert 0 < a["tokens"]["prompt"] <= 64
     assert a["truncated"] is False and a["warnings"] == []
+    assert a["parse"]["fields"] == {"subject": "熊猫", "action": "吃竹子", "scene": "竹林"}
+    assert a["prompts"][0].startswith("熊猫在竹林中吃竹子")
+    # Through the TextEncoder deployment: a keyframe schedule over the windows, counted per prompt.
+    k = env.client.post("/v1/prompt/analyze", json={"prompt": "a fox, no humans. at 6s: a rainbow", "duration": 12},
+                        headers=AUTH).json()
+    assert k["negative_prompt"].startswith("humans") and len(k["tokens"]["prompts"]) == len(k["prompts"]) == 2
+    assert [[p["prompt"] for p in w["prompt_weights"]] for w in k["windows"]] == [[0], [0, 1], [1]]
+    seps = env.client.post("/v1/prompt/analyze", json={"prompt": "；;" * 1000}, headers=AUTH)
+    assert seps.status_code == 200 and any("no words" in w for w in seps.json()["warnings"])
     long = env.client.post("/v1/prompt/analyze", json={"prompt": "a very long prompt " * 100}, headers=AUTH).json()
     assert long["tokens"]["prompt"] > 64
     assert long["truncated"] is True

@@ -63,6 +63,19 @@ def window_weights(windows: list[Window], overlap: int) -> list[torch.Tensor]:
     return weights
 
 
+def window_condition(conds: torch.Tensor, weights: list[tuple[int, float]]) -> torch.Tensor:
+    """The text conditioning (1, S, D) of a window under prompts `weights` [(row of `conds`, weight)].
+
+    One prompt: its row as is (no arithmetic, so a single-prompt video is exactly the plain path).
+    Several (a window across a keyframe): the weighted sum of their embeddings, in float32.
+    """
+    if len(weights) == 1:
+        index = weights[0][0]
+        return conds[index : index + 1]
+    mixed = sum(weight * conds[index : index + 1].float() for index, weight in weights)
+    return mixed.to(conds.dtype)
+
+
 class Denoiser:
     """Wan transformer + flow-matching scheduler.
 
@@ -247,6 +260,8 @@ class DenoiseRun:
         self.uncond = None
         if embeddings.negative_prompt_embeds is not None and plan.guidance_scale > 1.0:
             self.uncond = embeddings.negative_prompt_embeds.to(device, dtype)
+        # Each window's conditioning: its prompt's row, or across a keyframe the weighted sum of its prompts' rows
+        self.window_conds = [window_condition(self.conds, win.prompt_weights) for win in plan.windows]
         # 2. Timesteps (a fresh scheduler per run: schedulers keep per-run state)
         template = denoiser.scheduler_template
         self.scheduler = template.__class__.from_config(template.config)
@@ -277,7 +292,7 @@ class DenoiseRun:
         # 4. One window of one denoising step
         plan, t = self.plan, self.timesteps[self.step]
         win, w = plan.windows[self.window], self.weights[self.window]
-        cond = self.conds[win.prompt_index : win.prompt_index + 1]
+        cond = self.window_conds[self.window]
         with self.denoiser.step_cache(self, self.window):
             pred = self.denoiser._predict(self._latents[:, :, win.start : win.end], t, cond, self.uncond,
                                           plan.guidance_scale)

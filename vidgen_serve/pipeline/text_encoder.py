@@ -5,12 +5,25 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..config import AppConfig
 from ..models.loading import device_for, load_text_encoder, load_tokenizer, resolve_checkpoint
 from ..plan import GenerationPlan
+
+
+def count_tokens(tokenizer: Any, text: str) -> int:
+    """Tokens a Wan encoder sees for `text` before truncation (incl. end-of-sequence).
+
+    The text is cleaned first exactly as `WanPipeline` cleans it before tokenising (ftfy,
+    HTML unescape, whitespace collapsed). Used by `TextEncoder.count_tokens` and by
+    `vidgen-serve analyze`, which loads only the tokenizer.
+    """
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    return len(tokenizer(prompt_clean(text), add_special_tokens=True)["input_ids"])
 
 
 @dataclass
@@ -67,11 +80,8 @@ class TextEncoder:
         The text is cleaned first exactly as `WanPipeline` cleans it before tokenising
         (ftfy, HTML unescape, whitespace collapsed), so the count is the encoder's.
         """
-        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-
-        cleaned = prompt_clean(text)
         with self._tokenizer_lock:
-            return len(self.tokenizer(cleaned, add_special_tokens=True)["input_ids"])
+            return count_tokens(self.tokenizer, text)
 
     def tokens(self, text: str) -> dict:
         """The tokens of `text` as the encoder sees them (cleaned, truncated to its limit), without

@@ -130,7 +130,7 @@ class Ingress:
         if counts.get(QUEUED, 0) + len(planned) > self.settings.max_queued_jobs:
             raise self.overloaded("queued jobs")
         jobs = [await self.store.create(r.model_dump(mode="json"), p.model_dump(mode="json"), key,
-                                        warnings=not_yet_applied(r))
+                                        warnings=not_yet_applied(r) + [f"prompt: {w}" for w in p.prompt_warnings])
                 for r, p in planned]
         self.runner.wake()
         return jobs

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..attention import AttentionRequest
 from ..errors import InvalidRequest, VidgenError, field_error
-from ..request import MAX_PROMPT_CHARS, VideoRequest, not_yet_applied, parse_request, request_schema
+from ..prompting.analysis import analysis_document, analyze as analyze_prompt
+from ..request import MAX_PROMPT_CHARS, Keyframe, VideoRequest, not_yet_applied, parse_request, request_schema
 from .http import admin_key, api_key, ingress_of, request_id, server_timing, warnings_header
 from .telemetry import tracer
 
@@ -34,13 +35,19 @@ class BatchRequest(BaseModel):
 
 
 class AnalyzeRequest(BaseModel):
-    """What `/v1/prompt/analyze` reads."""
+    """What `/v1/prompt/analyze` reads: the text side of a `VideoRequest` (same fields, same bounds)."""
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="The prompt to analyse.")
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="A negative prompt.")
     style: str | None = Field(None, min_length=1, max_length=64, description="A style preset name.")
+    duration: float | None = Field(None, description="Seconds (as in a video request; default 5).")
+    keyframes: list[Keyframe] | None = Field(None, description="The request's prompt schedule.")
+    motion_intensity: float | None = Field(None, description="As in a video request (prompt descriptor).")
+    color_palette: str | None = Field(None, description="As in a video request (prompt descriptor).")
+    camera_motion: str | None = Field(None, description="As in a video request (prompt descriptor).")
+    temporal_consistency: float | None = Field(None, description="As in a video request (window overlap).")
 
 
 MP4_RESPONSE = {200: {"content": {"video/mp4": {}}, "description": "The MP4 file."}}
@@ -79,7 +86,7 @@ async def generate(request: Request, body: VideoRequest, key: str = Depends(api_
         "X-Vidgen-Denoiser": result.denoiser,
         "X-Vidgen-Seed": str(plan.seed),
         "Content-Disposition": 'inline; filename="video.mp4"',
-        **warnings_header(not_yet_applied(body)),
+        **warnings_header(not_yet_applied(body) + [f"prompt: {w}" for w in plan.prompt_warnings]),
     }
     return Response(result.mp4, media_type="video/mp4", headers=headers)
 
@@ -144,24 +151,13 @@ async def cancel_job(request: Request, job_id: str, key: str = Depends(api_key))
 
 @router.post("/v1/prompt/analyze")
 async def analyze(request: Request, body: AnalyzeRequest, key: str = Depends(api_key)) -> dict[str, Any]:
-    """How the prompt will be encoded: styled text, token counts vs the encoder's limit."""
+    """How the prompt is read and encoded: fields, final prompts, negative prompt, keyframe schedule per
+    sliding window, token counts vs the encoder's limit, warnings (`vidgen-serve analyze` prints the same)."""
     ingress = ingress_of(request)
-    plan = ingress.plan(parse_request(body.model_dump(exclude_none=True), ingress.config.model_profile))
-    texts = [plan.prompts[0], plan.negative_prompt]
-    counts = await ingress.orchestrator.count_tokens(texts)
-    limit = counts["limit"]
-    warnings = []
-    for name, n in zip(("prompt", "negative_prompt"), counts["tokens"]):
-        if n > limit:
-            warnings.append(f"{name} is {n} tokens; the encoder keeps the first {limit}, the rest is ignored")
-    return {
-        "prompt": plan.prompts[0],
-        "negative_prompt": plan.negative_prompt,
-        "style": plan.style,
-        "tokens": {"prompt": counts["tokens"][0], "negative_prompt": counts["tokens"][1], "limit": limit},
-        "truncated": bool(warnings),
-        "warnings": warnings,
-    }
+    config = ingress.config
+    analysis = analyze_prompt(parse_request(body.model_dump(exclude_none=True), config.model_profile), config)
+    counts = await ingress.orchestrator.count_tokens(analysis.texts)
+    return analysis_document(analysis, counts["tokens"], counts["limit"])
 
 
 @router.post("/v1/prompt/attention", response_class=Response,
