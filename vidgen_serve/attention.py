@@ -11,7 +11,7 @@ and the PNG are `vidgen_serve.pipeline.attention_maps`.
 
 from __future__ import annotations
 
-import re
+
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -99,26 +99,12 @@ def attention_plan(body: AttentionRequest, config: AppConfig) -> GenerationPlan:
 
 # ---- structured prompts: fields -> tokens ---------------------------------------------------
 
-_SEGMENT_SEPARATORS = re.compile(r"[;；\n]")
-_KEY_VALUE = re.compile(r"^\s*([^:：]{1,24}?)\s*[:：]\s*(.+?)\s*$", re.S)
-
-
-def structured_fields(prompt: str) -> list[tuple[str, str]]:
-    """(key, value) pairs of a structured prompt (`主体:熊猫;动作:吃竹子`, `subject: panda; action: ...`,
-    full-width or ASCII separators); [] when any non-empty segment is not `key: value`."""
-    pairs = []
-    for segment in _SEGMENT_SEPARATORS.split(prompt):
-        if not segment.strip():
-            continue
-        match = _KEY_VALUE.match(segment)
-        if match is None:
-            return []
-        pairs.append((match.group(1), match.group(2)))
-    return pairs
-
-
 def field_tokens(prompt: str, encoded_text: str, spans: list[tuple[int, int]]) -> list[dict[str, Any]]:
     """Which tokens make up each field of a structured `prompt`.
+
+    The fields are the prompt parser's (`vidgen_serve.prompting`): keys in their canonical names
+    (`subject`, `action`, `scene`, ... ; unknown keys as written). The parser recomposes the fields
+    into one sentence (`熊猫在竹林中吃竹子`), so each value is looked up in the encoded text on its own.
 
     Args:
         prompt: the user's prompt.
@@ -126,18 +112,23 @@ def field_tokens(prompt: str, encoded_text: str, spans: list[tuple[int, int]]) -
         spans: each token's character span in `encoded_text`.
 
     Returns:
-        [{"name", "value", "tokens": [token indices]}] for each field found in `encoded_text` (in
-        order) that covers at least one token; [] for a prompt that is not structured.
+        [{"name", "value", "tokens": [token indices]}] for each field whose value appears in
+        `encoded_text` and covers at least one token, in text order; [] for a prompt that is not
+        structured. A value the style consumed (`风格:3D动画` selects a preset) has no column.
     """
-    out, cursor = [], 0
-    for key, value in structured_fields(prompt):
+    from .prompting.parser import parse_prompt
+
+    parsed = parse_prompt(prompt)
+    if not parsed.structured:
+        return []
+    found = []
+    for key, value in [*parsed.fields.items(), *parsed.unknown_keys.items()]:
         value = " ".join(value.split())  # the pipeline's cleaning collapses whitespace
-        start = encoded_text.find(value, cursor)
+        start = encoded_text.find(value) if value else -1
         if start < 0:
             continue
         end = start + len(value)
-        cursor = end
         tokens = [i for i, (s, e) in enumerate(spans) if s < end and e > start]
         if tokens:
-            out.append({"name": key, "value": value, "tokens": tokens})
-    return out
+            found.append((start, {"name": key, "value": value, "tokens": tokens}))
+    return [field for _, field in sorted(found, key=lambda item: item[0])]
