@@ -48,6 +48,7 @@ class GenerationPlan(BaseModel):
     prompts: list[str] = Field(description="Distinct positive prompts (after the style template).")
     negative_prompt: str = Field(description="Negative prompt (style + user).")
     style: str
+    style_lora: bool = Field(False, description="The style carries a LoRA adapter (routed by Serve multiplexing).")
     # Sampler
     seed: int
     num_inference_steps: int
@@ -211,6 +212,7 @@ def build_plan(request: VideoRequest, config: AppConfig, seed: int | None = None
         prompts=[style.prompt_template.format(prompt=request.prompt)],
         negative_prompt=negative,
         style=request.style,
+        style_lora=request.style in config.style_adapters,
         seed=seed,
         num_inference_steps=request.num_inference_steps or profile.default_steps,
         guidance_scale=request.guidance_scale or profile.default_guidance_scale,

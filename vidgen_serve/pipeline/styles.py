@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..config import BUILTIN_TINY_LORA, AppConfig
-from ..errors import VidgenError
+from ..errors import VidgenError, field_error
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ class StyleUnavailable(VidgenError):
     def __init__(self, style: str, reason: str, retry_after_s: int | None = None):
         headers = {"Retry-After": str(retry_after_s)} if retry_after_s else None
         super().__init__(503, f"style {style!r} is unavailable: its LoRA adapter could not be loaded ({reason})",
-                         code="style_unavailable", details=[{"field": "style", "value": style}], headers=headers)
+                         code="style_unavailable", details=[field_error("style", style, f"LoRA adapter unavailable: {reason}")],
+                         headers=headers)
         self.style = style
 
 
