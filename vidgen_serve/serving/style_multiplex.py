@@ -109,7 +109,9 @@ class StyleMultiplexer:
 
     def held(self) -> list[str]:
         """Styles Serve's multiplexed cache holds on this replica (least recently used first)."""
-        wrapper = getattr(self._loader, _WRAPPER_ATTR, None) if self._loader is not None else None
+        # Serve keeps its multiplexer on the decorated function (`__wrapped__` of what it returned).
+        function = getattr(self._loader, "__wrapped__", self._loader)
+        wrapper = getattr(function, _WRAPPER_ATTR, None) if function is not None else None
         return list(wrapper.models) if wrapper is not None else []
 
     def stats(self) -> dict[str, Any]:
