@@ -8,8 +8,9 @@ loaded, bit for bit).
 
 Two backends, one interface:
 
-* `PeftBackend` (a whole transformer, tp = 1): diffusers' loader, `load_lora_adapter` into the
-  `WanTransformer3DModel` (peft layers), `set_adapter` / `disable_lora` to switch, and
+* `PeftBackend` (a whole transformer, tp = 1): diffusers' loader (`WanLoraLoaderMixin`'s
+  `lora_state_dict` + `load_lora_into_transformer`, i.e. `load_lora_adapter` into the
+  `WanTransformer3DModel`: peft layers), `set_adapter` / `disable_lora` to switch, and
   `delete_adapters` to unload.
 * `ShardedBackend` (a DeepSpeed tensor-parallel shard): peft cannot wrap DeepSpeed's sharded
   linears, so the adapter's state dict is read with diffusers' `lora_state_dict` and each rank
@@ -73,6 +74,14 @@ def adapter_name(style: str) -> str:
     return "style_" + re.sub(r"[^A-Za-z0-9_]", "_", style)
 
 
+def read_adapter(source: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The adapter's state dict and LoRA metadata through diffusers' Wan LoRA reader (which also converts
+    the original-Wan and musubi/kohya key layouts to diffusers')."""
+    from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+
+    return WanLoraLoaderMixin.lora_state_dict(source, return_lora_metadata=True, use_safetensors=True)
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
@@ -87,7 +96,11 @@ class PeftBackend:
 
     def load(self, name: str, source: str) -> None:
         try:
-            self.transformer.load_lora_adapter(source, prefix="transformer", adapter_name=name, use_safetensors=True)
+            from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+
+            state_dict, metadata = read_adapter(source)
+            WanLoraLoaderMixin.load_lora_into_transformer(state_dict, self.transformer, adapter_name=name,
+                                                          metadata=metadata)  # -> load_lora_adapter
         except BaseException:
             try:  # a failure after peft injected layers must leave nothing behind
                 if name in getattr(self.transformer, "peft_config", {}):
@@ -142,12 +155,9 @@ class ShardedBackend:
         self._hooks: list[Any] = []
 
     def load(self, name: str, source: str) -> None:
-        from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
-
         from ..parallel.transformer import _shard_slice
 
-        state_dict, metadata = WanLoraLoaderMixin.lora_state_dict(source, return_lora_metadata=True,
-                                                                  use_safetensors=True)
+        state_dict, metadata = read_adapter(source)
         metadata = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}
         prefix = "transformer."
         downs = {k[len(prefix):-len(".lora_A.weight")]: v for k, v in state_dict.items()
