@@ -22,9 +22,9 @@ AttentionBackend = Literal[
     "native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math", "flash", "_flash_3", "sage",
     "xformers",
 ]
-# Checkpoint ids whose architecture is built in (configs in code): `weights: random` needs no download.
 # Adapter references resolved to the LoRAs built next to the tiny checkpoint (models/tiny.py).
 BUILTIN_TINY_LORA = "builtin:tiny-lora/"
+# Checkpoint ids whose architecture is built in (configs in code): `weights: random` needs no download.
 RANDOM_WEIGHTS_ARCHITECTURES = ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers")
 
 # Output presets: (width, height) for 16:9; 9:16 swaps them, 1:1 squares the short side.
