@@ -115,8 +115,14 @@ class PeftBackend:
         self.transformer.delete_adapters(name)
         if self.active == name:
             self.active = None
-        if getattr(self.transformer, "peft_config", None):
+        if not getattr(self.transformer, "peft_config", None):
+            return
+        # peft makes another adapter active when the active one goes: put back what was selected.
+        if self.active is None:
             self.transformer.disable_lora()
+        else:
+            self.transformer.set_adapter(self.active)
+            self.transformer.enable_lora()
 
     def activate(self, name: str | None) -> None:
         if name == self.active:
