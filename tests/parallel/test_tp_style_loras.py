@@ -1,7 +1,8 @@
-"""Style LoRA adapters on a tensor-parallel denoiser (2 gloo ranks, tiny checkpoint, CPU).
+"""Style LoRA adapters on a parallel denoiser (2 gloo ranks, tiny checkpoint, CPU).
 
-Every rank runs the real `ParallelWorker` (DeepSpeed TP=2 shards; the adapter's factors are
-sliced per shard, and row-parallel linears all-reduce the LoRA's low-rank product). The same
+Every rank runs the real `ParallelWorker`: DeepSpeed TP=2 shards (the adapter's factors are
+sliced per shard, and row-parallel linears all-reduce the LoRA's low-rank product), or Ulysses=2
+(whole linears: peft layers on every rank). The same
 sequence of styles runs in-process on one `Denoiser` (peft layers through diffusers' loader):
 the TP latents must match it, and a plain style after LoRA styles must give the plain output.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from vidgen_serve.config import AppConfig
@@ -27,12 +29,11 @@ def _plan(config: AppConfig, style: str):
     return build_plan(parse_request(body), config)
 
 
-def _styles_worker(rank, world_size, plans, embeddings):
-    """One rank: a TP=2 `ParallelWorker`, a whole generation per plan; rank 0's latents and stats."""
+def _styles_worker(rank, world_size, overrides, plans, embeddings):
+    """One rank: a `ParallelWorker` of the layout, a whole generation per plan; rank 0's latents and stats."""
     from vidgen_serve.parallel.worker import ParallelWorker
 
-    worker = ParallelWorker(rank, world_size, AppConfig(profile_overrides={"tensor_parallel_size": 2}),
-                            max_styles=2)
+    worker = ParallelWorker(rank, world_size, AppConfig(profile_overrides=overrides), max_styles=2)
     worker.setup(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
     out = []
     for i, plan in enumerate(plans):
@@ -42,16 +43,26 @@ def _styles_worker(rank, world_size, plans, embeddings):
             worker.advance(i)
         out.append(worker.latents(i))
     return {"latents": out, "stats": worker.style_stats(),
-            "sharded": type(worker.denoiser.transformer.blocks[0].attn1.to_out[0]).__name__}
+            "sharded": type(getattr(worker.denoiser.transformer.blocks[0].attn1.to_out[0], "base_layer",
+                                    worker.denoiser.transformer.blocks[0].attn1.to_out[0])).__name__}
 
 
-def test_tp2_with_adapters_matches_one_process(rank_pool, tiny_config, checkpoint, pipeline):
+@pytest.fixture(scope="module")
+def expected(tiny_config, checkpoint, pipeline):
     plans = [_plan(tiny_config, style) for style in SEQUENCE]
     embeddings = pipeline.text_encoder.encode(plans[0])  # one conditioning: only the adapter differs
     local = Denoiser(tiny_config, checkpoint, max_styles=2)
-    expected = [local.denoise(plan, embeddings) for plan in plans]
-    result = rank_pool().run(_styles_worker, 2, plans, embeddings, timeout=600)
-    assert result["sharded"] == "LinearAllreduce"  # the row-parallel path was really exercised
+    return plans, embeddings, [local.denoise(plan, embeddings) for plan in plans]
+
+
+@pytest.mark.parametrize("overrides,linear", [
+    ({"tensor_parallel_size": 2}, "LinearAllreduce"),  # sharded linears: per-rank slices of the factors
+    ({"parallel": {"ulysses": 2}}, "Linear"),  # whole linears on every rank: peft layers, as in one process
+])
+def test_parallel_with_adapters_matches_one_process(rank_pool, expected, overrides, linear):
+    plans, embeddings, expected = expected
+    result = rank_pool().run(_styles_worker, 2, overrides, plans, embeddings, timeout=600)
+    assert result["sharded"] == linear  # (TP: the row-parallel path was really exercised)
     tp = result["latents"]
     for style, ours, ref in zip(SEQUENCE, tp, expected):
         assert (ours - ref).abs().max().item() <= LATENT_ATOL, style

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,10 @@ class PeftBackend:
             from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
 
             state_dict, metadata = read_adapter(source)
-            WanLoraLoaderMixin.load_lora_into_transformer(state_dict, self.transformer, adapter_name=name,
-                                                          metadata=metadata)  # -> load_lora_adapter
+            with warnings.catch_warnings():  # several adapters in one model is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                WanLoraLoaderMixin.load_lora_into_transformer(state_dict, self.transformer, adapter_name=name,
+                                                              metadata=metadata)  # -> load_lora_adapter
         except BaseException:
             try:  # a failure after peft injected layers must leave nothing behind
                 if name in getattr(self.transformer, "peft_config", {}):
