@@ -136,3 +136,29 @@ def test_bad_adapter_makes_only_its_style_unavailable(tiny_config, checkpoint, s
     assert torch.equal(_run(denoiser, config, PLAIN, same_conditioning), reference)
     assert torch.equal(_run(denoiser, config, LORA_B, same_conditioning), b)
     assert torch.equal(b, expected_b)
+
+
+def test_multiplexed_handle_teardown_unloads_once(tiny_config, checkpoint):
+    """Serve calls the cached object's `__del__` on eviction and Python calls it again on collection."""
+    import gc
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vidgen_serve.serving.style_multiplex import StyleAdapterHandle
+
+    denoiser = Denoiser(tiny_config, checkpoint)
+    executor = ThreadPoolExecutor(max_workers=1)
+    try:
+        assert denoiser.load_style(LORA_A) is True
+        handle = StyleAdapterHandle(LORA_A, denoiser, executor)
+        handle.__del__()  # Serve's eviction
+        executor.submit(lambda: None).result()  # the queued unload has run
+        stats = denoiser.style_stats()
+        assert stats["loaded"] == [] and stats["evictions"] == [LORA_A]
+        assert not getattr(denoiser.transformer, "peft_config", None)
+        assert denoiser.load_style(LORA_A) is True  # requested again: a new load (and a new handle)
+        del handle  # the evicted handle is collected later: it must not unload the new load
+        gc.collect()
+        executor.submit(lambda: None).result()
+        assert denoiser.style_stats()["loaded"] == [LORA_A]
+    finally:
+        executor.shutdown()

@@ -115,7 +115,9 @@ class PeftBackend:
         self.transformer.disable_lora()
 
     def unload(self, name: str) -> None:
-        self.transformer.delete_adapters(name)
+        with warnings.catch_warnings():  # peft announces the adapter it falls back to: re-selected below
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            self.transformer.delete_adapters(name)
         if self.active == name:
             self.active = None
         if not getattr(self.transformer, "peft_config", None):
