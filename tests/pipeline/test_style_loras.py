@@ -6,8 +6,6 @@ checkpoint; every other style is plain.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
