@@ -22,6 +22,8 @@ AttentionBackend = Literal[
     "native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math", "flash", "_flash_3", "sage",
     "xformers",
 ]
+# Adapter references resolved to the LoRAs built next to the tiny checkpoint (models/tiny.py).
+BUILTIN_TINY_LORA = "builtin:tiny-lora/"
 # Checkpoint ids whose architecture is built in (configs in code): `weights: random` needs no download.
 RANDOM_WEIGHTS_ARCHITECTURES = ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers")
 
@@ -54,7 +56,12 @@ class StylePreset(BaseModel):
     negative_template: str = Field(
         "", description="Negative prompt added under this style (joined with the user's negative prompt)."
     )
-    lora: str | None = Field(None, description="Optional LoRA adapter path loaded for this style.")
+    lora: str | None = Field(
+        None,
+        description="Optional LoRA adapter loaded into the denoiser for this style: a local diffusers LoRA file or "
+        "directory (pytorch_lora_weights.safetensors), a hub id, or 'builtin:tiny-lora/<name>' (tiny checkpoint "
+        "only). Unset: the profile's `style_loras` entry for this style, if any.",
+    )
 
     @model_validator(mode="after")
     def _has_placeholder(self) -> "StylePreset":
@@ -153,6 +160,11 @@ class ModelProfile(BaseModel):
     )
     gpus_per_node: int = Field(8, ge=1, description="GPUs on one node: the denoiser's worker group must fit one node.")
     text_cache_size: int = Field(256, ge=0, description="Prompt embeddings kept in the text encoder's LRU cache.")
+    style_loras: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters this checkpoint's styles use, by style name (a style preset's own `lora` wins). "
+        "Adapters are trained for one checkpoint, so they belong to the profile, not to the style.",
+    )
     x264_preset: str = Field("veryfast", description="libx264 preset for the MP4 encode.")
     x264_crf: int = Field(20, ge=0, le=51, description="libx264 constant rate factor.")
     interpolation: Literal["mci", "blend"] = Field(
@@ -318,6 +330,7 @@ PROFILES: dict[str, ModelProfile] = {
         max_guidance_scale=20.0,
         max_sequence_length=64,
         num_attention_heads=4,
+        style_loras={"ink-wash": "builtin:tiny-lora/ink-wash", "cinematic": "builtin:tiny-lora/cinematic"},
         x264_preset="superfast",
     ),
     "wan2.1-1.3b": ModelProfile(
@@ -400,7 +413,7 @@ class AppConfig(BaseModel):
                 f"{', '.join(sorted(valid))}"
             )
         try:
-            self.model_profile  # validates overrides early
+            profile = self.model_profile  # validates overrides early
         except ValidationError as exc:
             # One line per bad field, named as the override was given (pydantic's messages list the valid values).
             raise ValueError("; ".join(
@@ -408,7 +421,20 @@ class AppConfig(BaseModel):
                 if e["loc"] else f"profile {self.profile!r} with these overrides: {e['msg'].removeprefix('Value error, ')}"
                 for e in exc.errors(include_url=False)
             )) from None
+        for name, ref in self.style_adapters.items():
+            if ref.startswith(BUILTIN_TINY_LORA) and profile.checkpoint != "builtin:tiny":
+                raise ValueError(
+                    f"styles.{name}.lora={ref!r}: the built-in tiny adapters fit only the 'builtin:tiny' checkpoint, "
+                    f"not profile {profile.name!r} ({profile.checkpoint}); give the style a LoRA trained for it"
+                )
         return self
+
+    @cached_property
+    def style_adapters(self) -> dict[str, str]:
+        """LoRA adapter reference of each style that has one (the style's `lora`, else the profile's `style_loras`)."""
+        loras = self.model_profile.style_loras
+        return {name: style.lora or loras[name] for name, style in self.styles.items()
+                if style.lora or loras.get(name)}
 
     @cached_property
     def model_profile(self) -> ModelProfile:

@@ -62,6 +62,7 @@ class GenerationPlan(BaseModel):
                                "[0] is in force from t=0, keyframes' follow (see windows' prompt_weights).")
     negative_prompt: str = Field(description="Negative prompt: the user's, the prompt's negative phrases, the style's.")
     style: str
+    style_lora: bool = Field(False, description="The style carries a LoRA adapter (routed by Serve multiplexing).")
     # Sampler
     seed: int
     num_inference_steps: int
@@ -236,6 +237,7 @@ def build_plan(request: VideoRequest, config: AppConfig, seed: int | None = None
         prompts=schedule.prompts,
         negative_prompt=schedule.negative_prompt,
         style=schedule.style,
+        style_lora=schedule.style in config.style_adapters,
         seed=seed,
         num_inference_steps=request.num_inference_steps or profile.default_steps,
         guidance_scale=request.guidance_scale or profile.default_guidance_scale,

@@ -126,18 +126,18 @@ def _build(target: Path) -> None:
     pipe.save_pretrained(target)
 
 
-def build_once(target: Path, build) -> Path:
-    """Build the directory `target` with `build(tmp_dir)` unless it exists; return it.
+def build_once(target: Path, build, marker: str = "model_index.json") -> Path:
+    """Build the directory `target` with `build(tmp_dir)` unless it exists (holds `marker`); return it.
 
     Safe to call from several processes at once (a file lock serialises the build; the
     directory appears atomically by rename, so a reader never sees half of it).
     """
     target = Path(target)
-    if (target / "model_index.json").exists():
+    if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / "model_index.json").exists():
+        if (target / marker).exists():
             return target
         logger.info("building %s", target)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
@@ -152,3 +152,49 @@ def build_once(target: Path, build) -> Path:
 def ensure_tiny_checkpoint(cache_dir: Path) -> Path:
     """Return the path of the tiny checkpoint, building it first if it is not cached (see `build_once`)."""
     return build_once(Path(cache_dir) / f"wan-tiny-{recipe_hash()}", _build)
+
+
+# --- Style LoRA adapters of the tiny checkpoint -----------------------------------------------
+# Two seeded random LoRAs (rank TINY_LORA_RANK on every attention and feed-forward linear of the
+# blocks), saved in diffusers' LoRA format (`save_lora_weights`: pytorch_lora_weights.safetensors
+# with the LoraConfig as metadata), so styles that name `builtin:tiny-lora/<name>` exercise the
+# same loader a real adapter goes through.
+TINY_LORAS = ("ink-wash", "cinematic")
+TINY_LORA_RANK = 4
+TINY_LORA_ALPHA = 8
+TINY_LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                     "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")
+TINY_LORA_STRENGTH = 0.5  # |delta W| relative to a unit-variance weight: enough to change every output clearly
+
+
+def _build_loras(target: Path) -> None:
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    with init_empty_weights():
+        shapes = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    linears = {name: (m.out_features, m.in_features) for name, m in shapes.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.startswith("blocks.")
+               and name.split(".", 2)[2] in TINY_LORA_TARGETS}
+    for index, style in enumerate(TINY_LORAS):
+        generator = torch.Generator().manual_seed(SEED * 1000 + 1 + index)
+        layers = {}
+        for name, (out_f, in_f) in sorted(linears.items()):
+            layers[f"{name}.lora_A.weight"] = torch.randn(TINY_LORA_RANK, in_f, generator=generator) / in_f ** 0.5
+            layers[f"{name}.lora_B.weight"] = (torch.randn(out_f, TINY_LORA_RANK, generator=generator)
+                                               * TINY_LORA_STRENGTH / TINY_LORA_RANK ** 0.5)
+        WanPipeline.save_lora_weights(
+            target / style, transformer_lora_layers=layers,
+            transformer_lora_adapter_metadata={"r": TINY_LORA_RANK, "lora_alpha": TINY_LORA_ALPHA,
+                                               "target_modules": sorted(linears)},
+        )
+    (target / "DONE").write_text("\n".join(TINY_LORAS) + "\n")
+
+
+def ensure_tiny_loras(cache_dir: Path) -> Path:
+    """Directory holding one diffusers LoRA folder per name in `TINY_LORAS` (built once, atomically)."""
+    recipe = json.dumps([recipe_hash(), TINY_LORAS, TINY_LORA_RANK, TINY_LORA_ALPHA, TINY_LORA_TARGETS,
+                         TINY_LORA_STRENGTH], sort_keys=True)
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    return build_once(Path(cache_dir) / f"wan-tiny-loras-{digest}", _build_loras, marker="DONE")

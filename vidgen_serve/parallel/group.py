@@ -197,6 +197,7 @@ class ParallelDenoiser:
         setup_timeout_s: float = 600.0,
         step_timeout_s: float = 600.0,
         health_timeout_s: float = 30.0,
+        max_styles: int | None = None,
     ):
         self.config = config
         self.profile = config.model_profile
@@ -267,7 +268,8 @@ class ParallelDenoiser:
                     ),
                 )
                 self.workers.append(
-                    worker_cls.options(**options).remote(rank, self.world_size, config, self.checkpoint)
+                    worker_cls.options(**options).remote(rank, self.world_size, config, self.checkpoint,
+                                                         max_styles=max_styles)
                 )
             master_addr, master_port = self._call_ranks("rendezvous", [0], timeout=setup_timeout_s)[0]
             self._call_all("setup", master_addr, master_port, setup_timeout_s, timeout=setup_timeout_s)
@@ -387,8 +389,32 @@ class ParallelDenoiser:
 
         run_id = next(self._run_ids)
         plan_ref, emb_ref = ray.put(plan), ray.put(embeddings)
-        info = self._call_all("start", plan_ref, emb_ref, run_id, timeout=self.step_timeout_s)[0]
+        infos = self._call_all("start", plan_ref, emb_ref, run_id, timeout=self.step_timeout_s)
+        errors = [info["error"] for info in infos if "error" in info]
+        if errors:  # the style's adapter could not be loaded (on every rank: the same file)
+            self._release(run_id)
+            raise errors[0]
+        info = infos[0]
         return ParallelRun(self, run_id, plan, info["steps"], info["windows"])
+
+    def load_style(self, style: str) -> bool:
+        """Load ``style``'s LoRA adapter on every rank (LRU per rank); True if it was read now.
+
+        Raises ``StyleUnavailable`` (the group stays healthy) when the adapter can't be read.
+        """
+        results = self._call_all("load_style", style, timeout=self.step_timeout_s)
+        errors = [r["error"] for r in results if "error" in r]
+        if errors:
+            raise errors[0]
+        return results[0]["loaded"]
+
+    def unload_style(self, style: str) -> bool:
+        """Unload ``style``'s adapter on every rank; True if it was loaded."""
+        return self._call_all("unload_style", style, timeout=self.step_timeout_s)[0]
+
+    def style_stats(self) -> dict:
+        """Rank 0's style adapters (every rank runs the same loads and evictions)."""
+        return self._call_ranks("style_stats", [0], timeout=self.health_timeout_s)[0]
 
     def denoise(self, plan: GenerationPlan, embeddings, progress=None, should_cancel=None) -> torch.Tensor:
         """The whole sampling loop (see ``Denoiser.denoise``); latents from rank 0."""

@@ -44,6 +44,7 @@ class ParallelWorker:
         master_addr: str | None = None,
         master_port: int | None = None,
         max_runs: int = 8,
+        max_styles: int | None = None,
     ):
         self.rank = int(rank)
         self.world_size = int(world_size)
@@ -51,6 +52,7 @@ class ParallelWorker:
         self.profile = config.model_profile
         self.checkpoint = checkpoint
         self.max_runs = max_runs
+        self.max_styles = max_styles  # style LoRA adapters kept loaded on this rank (None: the default)
         self.denoiser = None
         self.device: torch.device | None = None
         self.backend: str | None = None
@@ -111,7 +113,8 @@ class ParallelWorker:
         self.checkpoint = checkpoint
         self.device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
         transformer = load_parallel_transformer(checkpoint, profile, self.groups, self.device)
-        self.denoiser = Denoiser(self.config, checkpoint, transformer=transformer, device=self.device)
+        kwargs = {} if self.max_styles is None else {"max_styles": self.max_styles}
+        self.denoiser = Denoiser(self.config, checkpoint, transformer=transformer, device=self.device, **kwargs)
         return self.info()
 
     def info(self) -> dict:
@@ -135,8 +138,17 @@ class ParallelWorker:
         return self.denoiser
 
     def start(self, plan: GenerationPlan, embeddings, run_id: Any = None) -> dict:
-        """Create a ``DenoiseRun`` (kept under ``run_id``); returns its {"steps", "windows"}."""
-        run = self._require().start(plan, embeddings)
+        """Create a ``DenoiseRun`` (kept under ``run_id``); returns its {"steps", "windows"}.
+
+        A style whose adapter can't be loaded returns {"error": StyleUnavailable} instead of
+        raising: the group stays healthy (a raising rank marks it broken) and serves other styles.
+        """
+        from ..pipeline.styles import StyleUnavailable
+
+        try:
+            run = self._require().start(plan, embeddings)
+        except StyleUnavailable as exc:
+            return {"error": exc}
         self._runs[run_id] = run
         self._runs.move_to_end(run_id)
         while len(self._runs) > self.max_runs:  # abandoned runs (cancelled without release)
@@ -163,6 +175,24 @@ class ParallelWorker:
 
     def release(self, run_id: Any = None) -> None:
         self._runs.pop(run_id, None)
+
+    # -- style LoRA adapters (the same calls on every rank, so every rank holds the same adapters) --
+
+    def load_style(self, style: str) -> dict:
+        """Load ``style``'s adapter into this rank's part of the transformer: {"loaded": read now} or
+        {"error": StyleUnavailable} (returned, not raised: see :meth:`start`)."""
+        from ..pipeline.styles import StyleUnavailable
+
+        try:
+            return {"loaded": self._require().load_style(style)}
+        except StyleUnavailable as exc:
+            return {"error": exc}
+
+    def unload_style(self, style: str) -> bool:
+        return self._require().unload_style(style)
+
+    def style_stats(self) -> dict:
+        return self._require().style_stats()
 
     # -- introspection / lifecycle -------------------------------------------------------------
 

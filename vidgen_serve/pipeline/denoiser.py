@@ -20,6 +20,7 @@ from ..config import AppConfig
 from ..errors import GenerationCancelled
 from ..models.loading import device_for, load_scheduler, load_transformer, resolve_checkpoint
 from ..plan import GenerationPlan, Window
+from .styles import DEFAULT_MAX_STYLES, StyleAdapters
 from .text_encoder import PromptEmbeddings
 
 ProgressCallback = Callable[[dict[str, int]], None]
@@ -85,6 +86,7 @@ class Denoiser:
         transformer: an already prepared transformer (e.g. a tensor-parallel shard);
             default loads the checkpoint's onto the profile's device.
         device: device of `transformer` when given.
+        max_styles: style LoRA adapters kept loaded (least recently used unloaded first).
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class Denoiser:
         checkpoint: str | None = None,
         transformer: Any = None,
         device: torch.device | None = None,
+        max_styles: int = DEFAULT_MAX_STYLES,
     ):
         self.profile = config.model_profile
         checkpoint = checkpoint or resolve_checkpoint(config)
@@ -107,6 +110,7 @@ class Denoiser:
         # `_keep_in_fp32_modules`, e.g. `scale_shift_table`, which stay float32 in a bf16 model).
         self.dtype = transformer.dtype
         self._cache_owner: Any = None  # the run whose step-cache hooks are on the transformer
+        self.styles = StyleAdapters(config, transformer, max_styles)  # style LoRAs (pipeline/styles.py)
         set_attention_backend(transformer, self.profile.attention_backend)
         self.warm_up_seconds = 0.0
         if self.profile.compile:
@@ -198,8 +202,24 @@ class Denoiser:
         return noise_uncond + scale * (noise_cond - noise_uncond)
 
     def start(self, plan: GenerationPlan, embeddings: PromptEmbeddings) -> "DenoiseRun":
-        """A step-by-step run: the serving layer streams progress and honours cancellation between steps."""
+        """A step-by-step run: the serving layer streams progress and honours cancellation between steps.
+
+        Loads the style's LoRA adapter first if it has one (`StyleUnavailable` if it can't be read).
+        """
+        self.styles.activate(plan.style)
         return DenoiseRun(self, plan, embeddings)
+
+    def load_style(self, style: str) -> bool:
+        """Load `style`'s LoRA adapter (LRU); True if it was read now, False if already loaded or plain."""
+        return self.styles.load(style)
+
+    def unload_style(self, style: str) -> bool:
+        """Unload `style`'s LoRA adapter; True if it was loaded."""
+        return self.styles.unload(style)
+
+    def style_stats(self) -> dict[str, Any]:
+        """Which style adapters are loaded (least recent first), load counts, evictions."""
+        return self.styles.stats()
 
     def denoise(
         self,
@@ -293,6 +313,7 @@ class DenoiseRun:
         plan, t = self.plan, self.timesteps[self.step]
         win, w = plan.windows[self.window], self.weights[self.window]
         cond = self.window_conds[self.window]
+        self.denoiser.styles.activate(plan.style)  # another run may have switched (or evicted) it
         with self.denoiser.step_cache(self, self.window):
             pred = self.denoiser._predict(self._latents[:, :, win.start : win.end], t, cond, self.uncond,
                                           plan.guidance_scale)

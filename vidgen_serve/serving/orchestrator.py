@@ -124,15 +124,17 @@ class GenerationOrchestrator:
             return await self._denoise_on(target, plan, embeddings, carrier, on_progress)
         except VidgenError as exc:
             other = "standby" if target == "primary" else "primary"
-            if exc.status_code < 500 or self.denoisers.get(other) is None:
-                raise
+            if exc.status_code < 500 or exc.code == "style_unavailable" or self.denoisers.get(other) is None:
+                raise  # (a style whose adapter can't be read is unavailable on every target alike)
             logger.warning("denoise on the %s failed (%s); retrying on the %s", target, exc.message, other)
             return await self._denoise_on(other, plan, embeddings, carrier, on_progress)
 
     async def _denoise_on(self, target: str, plan: GenerationPlan, embeddings: Any, carrier: dict,
                           on_progress: ProgressCallback | None) -> tuple[Any, dict[str, float], str]:
-        gen = self.denoisers[target].options(stream=True).denoise.remote(plan, embeddings, carrier,
-                                                                         on_progress is not None)
+        handle = self.denoisers[target]
+        if plan.style_lora:  # route to replicas that hold the style's adapter (Serve model multiplexing)
+            handle = handle.options(multiplexed_model_id=plan.style)
+        gen = handle.options(stream=True).denoise.remote(plan, embeddings, carrier, on_progress is not None)
         t0 = time.perf_counter()
         latents, timings, outcome = None, {}, "error"
         try:
@@ -147,11 +149,14 @@ class GenerationOrchestrator:
             outcome = "cancelled"  # not the denoiser's fault: not reported to the router
             raise
         except Exception as exc:  # noqa: BLE001
-            raise map_stage_error("denoise", exc, self.retry_after_s) from exc
+            error = map_stage_error("denoise", exc, self.retry_after_s)
+            if error.code == "style_unavailable":
+                outcome = "style_unavailable"  # the adapter file, not the denoiser: no failover breach
+            raise error from exc
         finally:
             if outcome != "ok":
                 gen.cancel()  # stops the replica's loop at its next step boundary
-            if outcome != "cancelled":
+            if outcome not in ("cancelled", "style_unavailable"):
                 await self._report(target, time.perf_counter() - t0, plan, outcome == "ok")
         if latents is None:
             raise VidgenError(500, "the denoise stage returned no latents", code="stage_error")

@@ -196,6 +196,7 @@ async def schema(request: Request) -> dict[str, Any]:
     return {
         "request": request_schema(profile),
         "styles": sorted(config.styles),
+        "style_adapters": sorted(config.style_adapters),  # styles that load a LoRA adapter into the denoiser
         "profile": {
             "name": profile.name,
             "resolutions": profile.resolutions,

@@ -58,6 +58,11 @@ class ServeSettings(BaseModel):
     max_job_attempts: int = Field(
         2, ge=1, description="Runs a job gets when its owner dies mid-run (resumed from its plan, then failed)."
     )
+    max_styles_per_replica: int = Field(
+        4, ge=1, le=64,
+        description="Style LoRA adapters one denoiser replica keeps loaded (Serve model multiplexing; the least "
+        "recently used is unloaded beyond it).",
+    )
     failover: FailoverSettings = Field(default_factory=FailoverSettings, description="Latency failover policy.")
     standby: bool = Field(True, description="Deploy a standby denoiser and route through the failover router.")
     probe_request: dict = Field(

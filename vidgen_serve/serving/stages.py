@@ -29,6 +29,7 @@ from ..pipeline.text_encoder import PromptEmbeddings, TextEncoder
 from ..plan import GenerationPlan
 from .autoscaling import QueueDepthProbe
 from .faults import FaultInjection, inject_faults
+from .style_multiplex import StyleMultiplexer
 from .telemetry import StageMetrics, child_span, configure_tracing, stage_call
 
 logger = logging.getLogger("vidgen_serve.stages")
@@ -99,17 +100,20 @@ class DenoiserDeployment(_QueueDepthStats):
         self.retry_after_s = settings.retry_after_s if settings is not None else 5
         self._watch_queue(settings)
         profile = config.model_profile
+        max_styles = settings.max_styles_per_replica if settings is not None else 4
         if profile.parallel.size > 1:  # a worker group: {tp, ulysses, cfg} ranks
             from ..parallel.group import ParallelDenoiser
 
-            self.stage: Any = ParallelDenoiser(config)
+            self.stage: Any = ParallelDenoiser(config, max_styles=max_styles)
         else:
-            self.stage = Denoiser(config, resolve_checkpoint(config))
+            self.stage = Denoiser(config, resolve_checkpoint(config), max_styles=max_styles)
         self.device_type = profile.device
         self.metrics = StageMetrics("denoise")
         self.faults = FaultInjection()
         # One run at a time per replica; steps of a run execute in order on this thread.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"denoise-{role}")
+        # Style LoRA adapters through Serve's model multiplexing (serving/style_multiplex.py).
+        self.styles = StyleMultiplexer(self.stage, self._executor, max_styles, role)
 
     def reconfigure(self, user_config: dict | None) -> None:
         """Apply `user_config` live: `{"fault_injection": {...}}` (see `FaultInjection`)."""
@@ -123,6 +127,7 @@ class DenoiserDeployment(_QueueDepthStats):
                         windows=len(plan.windows)) as call:
             try:
                 await inject_faults(self.faults, f"{self.role} denoiser")
+                await self.styles.ensure()  # the request's style adapter (multiplexed model id)
                 run = await loop.run_in_executor(self._executor, self.stage.start, plan, embeddings)
                 try:
                     while not run.done:
@@ -158,6 +163,12 @@ class DenoiserDeployment(_QueueDepthStats):
             maps = await loop.run_in_executor(self._executor, attention_maps, self.stage, plan, embeddings, tokens,
                                               prompt)
         return {**maps.document(), "png": maps.png}
+
+    async def style_stats(self) -> dict[str, Any]:
+        """Style adapters of this replica: loaded (LRU order), load counts, evictions, and what Serve's
+        multiplexing holds and routed here."""
+        stats = await asyncio.get_running_loop().run_in_executor(self._executor, self.stage.style_stats)
+        return {**stats, **self.styles.stats()}
 
     def check_health(self) -> None:
         """Serve calls this periodically; a broken parallel worker group makes the replica unhealthy."""
