@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidRequest, VidgenError, field_error
+from ..media.quality import quality_header
 from ..request import MAX_PROMPT_CHARS, VideoRequest, not_yet_applied, parse_request, request_schema
 from .http import admin_key, api_key, ingress_of, request_id, server_timing, warnings_header
 from .telemetry import tracer
@@ -79,6 +80,7 @@ async def generate(request: Request, body: VideoRequest, key: str = Depends(api_
         "X-Vidgen-Seed": str(plan.seed),
         "Content-Disposition": 'inline; filename="video.mp4"',
         **warnings_header(not_yet_applied(body)),
+        **quality_header(result.quality),
     }
     return Response(result.mp4, media_type="video/mp4", headers=headers)
 
