@@ -24,7 +24,6 @@ bounded in memory) and runs on the device it is given (the Decoder's).
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -36,8 +35,8 @@ SSIM_K1, SSIM_K2 = 0.01, 0.03
 DATA_RANGE = 255.0
 METRICS = ("temporal_ssim", "temporal_psnr_db", "flicker")
 HEADER = "X-Vidgen-Quality"
-# Frame pairs per batch: the SSIM of a batch holds ~12 float32 copies of its frames.
-_BATCH_BYTES = 256 * 1024 * 1024
+# Frame pairs per batch: the SSIM of a batch holds ~20 float32 copies of its frames.
+_BATCH_BYTES = 512 * 1024 * 1024
 
 
 def _gaussian_window(device: torch.device) -> torch.Tensor:
@@ -48,17 +47,26 @@ def _gaussian_window(device: torch.device) -> torch.Tensor:
     return (w / w.sum()).to(device, torch.float32)
 
 
-def _ssim_per_pair(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM of each (x[i], y[i]) for float frames (n, 3, H, W) in 0..255: (n,), channel-averaged."""
-    n, c, h, w = x.shape
-    k = window.numel()
-    # The five local statistics of every channel of every pair, filtered at once ("valid"
-    # convolution: only pixels whose window lies inside the frame, as skimage's crop keeps).
-    stack = torch.stack((x, y, x * x, y * y, x * y)).reshape(5 * n * c, 1, h, w)
-    filtered = torch.nn.functional.conv2d(stack, window.view(1, 1, k, 1))
-    filtered = torch.nn.functional.conv2d(filtered, window.view(1, 1, 1, k))
-    ux, uy, uxx, uyy, uxy = filtered.reshape(5, n, c, h - k + 1, w - k + 1)
-    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+def _ssim_per_pair(frames: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM of each pair (frames[i], frames[i + 1]) of float frames (n + 1, 3, H, W) in 0..255:
+    (n,), averaged over the channels."""
+    m, c, h, w = frames.shape
+    n, k = m - 1, window.numel()
+    x, y = frames[:-1], frames[1:]
+    # The local statistics, filtered at once ("valid" convolution: only pixels whose window lies
+    # inside the frame, as skimage's crop keeps). Each frame's mean and mean square serve both
+    # pairs it belongs to: 2 (n + 1) + n filtered planes per channel instead of 5 n. Every plane
+    # is one channel of a depthwise (grouped) convolution: on CPU, oneDNN's depthwise kernel is
+    # ~8x faster than a one-channel convolution over a batch of planes.
+    planes = (3 * n + 2) * c
+    stack = torch.cat((frames, frames * frames, x * y)).reshape(1, planes, h, w)
+    filtered = torch.nn.functional.conv2d(stack, window.view(1, 1, k, 1).expand(planes, 1, k, 1), groups=planes)
+    filtered = torch.nn.functional.conv2d(filtered, window.view(1, 1, 1, k).expand(planes, 1, 1, k), groups=planes)
+    filtered = filtered.reshape(3 * n + 2, c, h - k + 1, w - k + 1)
+    mu, mu2, uxy = filtered[:m], filtered[m:2 * m], filtered[2 * m:]
+    ux, uy = mu[:-1], mu[1:]
+    vx, vy = mu2[:-1] - ux * ux, mu2[1:] - uy * uy
+    vxy = uxy - ux * uy
     c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
     ssim_map = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     return ssim_map.mean(dim=(2, 3), dtype=torch.float64).mean(dim=1)
@@ -84,25 +92,20 @@ def quality_metrics(frames: np.ndarray, device: str | torch.device = "cpu") -> d
     if min(height, width) < window.numel():
         raise ValueError(f"frames of {width}x{height} are smaller than the {window.numel()}-pixel SSIM window")
     pairs = num - 1
-    batch = max(1, min(pairs, _BATCH_BYTES // (12 * 4 * 3 * height * width)))
+    batch = max(1, min(pairs, _BATCH_BYTES // (20 * 4 * 3 * height * width)))
     ssim = torch.empty(pairs, dtype=torch.float64)
     mse = torch.empty(pairs, dtype=torch.float64)
     mae = torch.empty(pairs, dtype=torch.float64)
     source = torch.from_numpy(np.ascontiguousarray(frames))
-    # On CPU, oneDNN's convolution is ~10x slower than the native kernel for one-channel
-    # inputs like these (as in the Decoder's VAE decode): the native kernels.
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # flags() warns about TF32 on Intel GPUs
-        with torch.backends.mkldnn.flags(enabled=device.type != "cpu"):
-            for start in range(0, pairs, batch):
-                stop = min(pairs, start + batch)
-                # (n + 1) frames -> n consecutive pairs, channels first.
-                chunk = source[start:stop + 1].to(device).permute(0, 3, 1, 2).float()
-                x, y = chunk[:-1], chunk[1:]
-                diff = y - x
-                mse[start:stop] = (diff * diff).mean(dim=(1, 2, 3), dtype=torch.float64).cpu()
-                mae[start:stop] = diff.abs().mean(dim=(1, 2, 3), dtype=torch.float64).cpu()
-                ssim[start:stop] = _ssim_per_pair(x, y, window).cpu()
+    with torch.inference_mode():
+        for start in range(0, pairs, batch):
+            stop = min(pairs, start + batch)
+            # (n + 1) frames -> n consecutive pairs, channels first.
+            chunk = source[start:stop + 1].to(device).permute(0, 3, 1, 2).float()
+            diff = chunk[1:] - chunk[:-1]
+            mse[start:stop] = (diff * diff).mean(dim=(1, 2, 3), dtype=torch.float64).cpu()
+            mae[start:stop] = diff.abs().mean(dim=(1, 2, 3), dtype=torch.float64).cpu()
+            ssim[start:stop] = _ssim_per_pair(chunk, window).cpu()
     # Per pair: 10 log10(255^2 / MSE), capped (an MSE of 0 gives +inf, then the cap).
     psnr = (10 * torch.log10(DATA_RANGE ** 2 / mse)).clamp(max=PSNR_CAP_DB)
     return {
