@@ -3,7 +3,8 @@
 Each loads its model once per replica and wraps every call in `telemetry.stage_call`
 (a child span from the carrier the ingress passes, the latency histogram, the failure
 counter). Tensors travel through Ray; MP4s of async jobs go to the artifact store (the
-Decoder writes them and returns only timings), and only the sync endpoint gets MP4 bytes.
+Decoder writes them and returns only timings and quality metrics), and only the sync
+endpoint gets MP4 bytes.
 Each replica reports the job store's queue depth to Serve's autoscaler
 (`record_autoscaling_stats`, see `serving/autoscaling.py`). The builder wraps these
 classes with `serve.deployment(...)`; tests may construct them directly inside a Ray worker.
