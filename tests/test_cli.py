@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -70,6 +71,9 @@ def test_request_file_generates_mp4_with_progress(tmp_path, probe_mp4):
     assert "Traceback" not in proc.stderr
     assert "denoising" in proc.stderr and "2/2" in proc.stderr  # the progress bar
     assert f"wrote {out}" in proc.stderr and "seed 3" in proc.stderr
+    # The video's quality metrics, in the sync response header's format.
+    assert re.search(r"quality: temporal_ssim=[01]\.\d{4};temporal_psnr_db=\d+\.\d\d;flicker=[01]\.\d{4}",
+                     proc.stderr), proc.stderr
     info = probe_mp4(out)
     assert (info["width"], info["height"]) == (480, 480)
     assert info["fps"] == 15 and info["num_frames"] == 15

@@ -131,6 +131,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # a bad request fails in a second instead of after the model stack imports.
     from tqdm import tqdm
 
+    from .media.quality import HEADER as QUALITY_HEADER
+    from .media.quality import quality_header
     from .pipeline import VideoPipeline
 
     denoiser = None
@@ -156,6 +158,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     timings = ", ".join(f"{k}={v:.2f}s" for k, v in result.timings.items())
     print(f"wrote {output} ({plan.output_width}x{plan.output_height}, {plan.output_num_frames} frames @ "
           f"{plan.output_fps} fps, seed {plan.seed}) [{timings}]", file=sys.stderr)
+    if result.quality:
+        print(f"quality: {quality_header(result.quality)[QUALITY_HEADER]}", file=sys.stderr)
     return 0
 
 

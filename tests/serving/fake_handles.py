@@ -12,6 +12,7 @@ import httpx
 from vidgen_serve.serving.orchestrator import GenerationOrchestrator
 
 VIDEO = b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 8  # what the fake decoder stores
+QUALITY = {"temporal_ssim": 0.9312, "temporal_psnr_db": 27.41, "flicker": 0.982}  # the fake decoder's metrics
 
 
 class _Stream:
@@ -64,7 +65,7 @@ def records(calls) -> list[tuple[str, bool]]:
 def decoder_stream(fn, store: bool):
     """The Decoder's streamed call from a coroutine function returning what the stage returns
     (`(mp4, timings)` for decode, `timings` for decode_to_store): one progress event per
-    phase first, as the real Decoder sends them."""
+    phase first, as the real Decoder sends them, and QUALITY as the video's metrics."""
 
     async def stream(*args):
         *call, progress = args if len(args) == (5 if store else 4) else (*args, True)
@@ -72,10 +73,10 @@ def decoder_stream(fn, store: bool):
             yield {"progress": {"phase": "vae_decode", "fraction": 1.0}}
             yield {"progress": {"phase": "encode", "fraction": 1.0}}
         if store:
-            yield {"timings": await fn(*call)}
+            yield {"timings": await fn(*call), "quality": dict(QUALITY)}
         else:
             mp4, timings = await fn(*call)
-            yield {"mp4": mp4, "timings": timings}
+            yield {"mp4": mp4, "timings": timings, "quality": dict(QUALITY)}
 
     return stream
 

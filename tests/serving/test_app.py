@@ -316,6 +316,12 @@ def test_same_seed_same_video(env):
     c = env.client.post("/v1/video/generate", json={**body, "seed": 4321}, headers=AUTH)
     assert a.status_code == b.status_code == c.status_code == 200, [summary(x) for x in (a, b, c)]
     assert a.headers["x-vidgen-seed"] == b.headers["x-vidgen-seed"] == "1234"
+    # The video's quality metrics (Decoder -> orchestrator -> header): same seed, same values.
+    assert a.headers["x-vidgen-quality"] == b.headers["x-vidgen-quality"], a.headers
+    quality = dict(p.split("=") for p in a.headers["x-vidgen-quality"].split(";"))
+    assert set(quality) == {"temporal_ssim", "temporal_psnr_db", "flicker"}, quality
+    assert 0 < float(quality["temporal_ssim"]) <= 1 and 0 < float(quality["flicker"]) <= 1
+    assert 0 < float(quality["temporal_psnr_db"]) <= 100
     fa, fb, fc = decode_frames(a.content), decode_frames(b.content), decode_frames(c.content)
     assert fa.shape == fb.shape and (fa == fb).all()
     assert fa.shape == fc.shape and not (fa == fc).all()  # the seed matters
@@ -477,6 +483,8 @@ def test_job_lifecycle(env):
     assert job["warnings"] == [warning]
     assert job["error"] is None and job["attempts"] == 1 and job["seed"] == 99
     assert {"text_encode", "denoise", "vae_decode", "encode", "total"} <= set(job["timings"])
+    assert set(job["quality"]) == {"temporal_ssim", "temporal_psnr_db", "flicker"}, job
+    assert 0 < job["quality"]["temporal_ssim"] <= 1 and 0 < job["quality"]["flicker"] <= 1
     content = env.client.get(f"/v1/video/jobs/{job_id}/content", headers=AUTH)
     assert content.status_code == 200, summary(content)
     assert content.headers["content-type"] == "video/mp4"
@@ -587,7 +595,8 @@ def test_tracing_spans_reach_collector(env):
 
 def test_metrics_exported(env):
     url = f"http://127.0.0.1:{env.metrics_port}/metrics"
-    wanted = ("vidgen_requests", "vidgen_stage_latency_seconds", "vidgen_text_cache")
+    wanted = ("vidgen_requests", "vidgen_stage_latency_seconds", "vidgen_text_cache", "vidgen_video_temporal_ssim",
+              "vidgen_video_temporal_psnr_db", "vidgen_video_flicker_score")
     deadline = time.monotonic() + 60
     text = ""
     while time.monotonic() < deadline:
@@ -605,6 +614,10 @@ def test_metrics_exported(env):
         assert any(f'stage="{stage}"' in ln for ln in latency), latency
     assert any("vidgen_requests" in ln and 'endpoint="generate"' in ln and 'status="ok"' in ln for ln in lines)
     assert any("vidgen_text_cache" in ln and 'result="hit"' in ln for ln in lines)
+    # One observation per decoded video in each quality histogram.
+    for name in ("vidgen_video_temporal_ssim", "vidgen_video_temporal_psnr_db", "vidgen_video_flicker_score"):
+        counts = [ln for ln in lines if f"{name}_count" in ln and 'profile="tiny"' in ln]
+        assert counts and float(counts[0].rsplit(" ", 1)[1]) >= 1, lines
 
 
 def test_killed_stage_replica(env):

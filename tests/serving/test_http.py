@@ -8,7 +8,7 @@ import asyncio
 
 import httpx
 import pytest
-from fake_handles import VIDEO, ingress_app
+from fake_handles import QUALITY, VIDEO, ingress_app
 
 from vidgen_serve.serving.settings import ServeSettings
 
@@ -113,6 +113,7 @@ def test_job_content_from_the_directory_store(tmp_path):
             job_id = r.json()["job_id"]
             job = await _until(client, f"/v1/video/jobs/{job_id}", lambda j: j["state"] == "succeeded")
             assert job["attempts"] == 1 and "store" in job["timings"]
+            assert job["quality"] == QUALITY  # the Decoder's metrics, through the job store
             whole = await client.get(f"/v1/video/jobs/{job_id}/content", headers=AUTH)
             assert whole.status_code == 200 and whole.content == VIDEO
             assert whole.headers["content-type"] == "video/mp4"
@@ -121,6 +122,19 @@ def test_job_content_from_the_directory_store(tmp_path):
             assert part.headers["content-range"] == f"bytes 4-11/{len(VIDEO)}"
             other = await client.get(f"/v1/video/jobs/{job_id}/content", headers={"Authorization": f"Bearer {OTHER}"})
             assert other.status_code == 404
+
+    asyncio.run(body())
+
+
+def test_sync_response_carries_the_quality_header(tmp_path):
+    from vidgen_serve.media.quality import parse_quality_header
+
+    async def body():
+        async with serving(_settings(tmp_path)) as (client, _):
+            r = await client.post("/v1/video/generate", json=SMALL, headers=AUTH)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-vidgen-quality"] == "temporal_ssim=0.9312;temporal_psnr_db=27.41;flicker=0.9820"
+            assert parse_quality_header(r.headers["x-vidgen-quality"]) == pytest.approx(QUALITY)
 
     asyncio.run(body())
 
@@ -139,6 +153,7 @@ def test_openai_videos(tmp_path):
             vid = video["id"]
             done = await _until(client, f"/v1/videos/{vid}", lambda v: v["status"] == "completed")
             assert done["progress"] == 100 and done["completed_at"] >= done["created_at"] and done["error"] is None
+            assert done["quality_metrics"] == QUALITY and done["quality"] == "standard"  # OpenAI's tier field kept
             # The same job through our own API: same seed, same size.
             ours = (await client.get(f"/v1/video/jobs/{vid[6:]}", headers=AUTH)).json()
             assert ours["state"] == "succeeded" and ours["seed"] == 9

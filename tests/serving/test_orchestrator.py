@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import pytest
-from fake_handles import make_stages, records
+from fake_handles import QUALITY, make_stages, records
 
 from vidgen_serve.config import AppConfig
 from vidgen_serve.errors import GenerationCancelled, VidgenError
@@ -40,12 +40,14 @@ def test_generate_runs_the_stages_in_order(plan):
     # Denoising steps, then the Decoder's phases (streamed through).
     assert stages == ["text_encode", "denoise", "decode"] and progress == [1, 2, "vae_decode", "encode"]
     assert {"text_encode", "denoise", "vae_decode", "encode", "total"} <= set(result.timings)
+    assert result.quality == QUALITY  # the Decoder's metrics of the video, passed through
     names = [c[0] for c in calls]
     assert names.index("encode") < names.index("denoise") < names.index("decode")
     assert records(calls) == [("primary", True)]
     # Async jobs: the Decoder stores the MP4 under the key; no bytes come back.
     stored = asyncio.run(orch.generate(plan, artifact_key="k.mp4"))
     assert stored.mp4 is None and stored.artifact == "k.mp4" and stored.timings["store"] == 0.001
+    assert stored.quality == QUALITY
     assert ("decode_to_store", ) == tuple(c[0] for c in calls if c[0] == "decode_to_store")
     # Progress events are asked for only when someone listens (each is a round trip through Ray).
     assert [args[3] for name, args in calls if name == "denoise"] == [True, False]
@@ -115,7 +117,7 @@ class HeldOrchestrator:
         if self.fail:
             raise self.fail
         return GenerationResult(timings={"total": 0.5}, denoiser="primary", text_cache="miss",
-                                artifact=artifact_key)
+                                artifact=artifact_key, quality=dict(QUALITY))
 
 
 def _settings(tmp_path, **kw) -> ServeSettings:
@@ -149,6 +151,7 @@ def test_runner_runs_a_job_to_a_stored_artifact(tmp_path, plan):
         await _tick_until(runner, lambda: _state_is(store, job.id, SUCCEEDED))
         done = await store.get(job.id)
         assert done.artifact == f"{job.id}.mp4" == orch.keys[0] and done.timings == {"total": 0.5}
+        assert done.quality == QUALITY and done.public()["quality"] == QUALITY
         assert results == ["ok"]
         await store.close()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sqlite3
 
 import pytest
 
@@ -106,15 +107,42 @@ def test_progress_and_finish_only_by_the_owner(make_store):
             seen = await b.get(job.id)
             assert seen.stage == "denoise" and seen.progress == {"step": 1, "steps": 2}
             assert not await a.finish(job.id, "someone-else", SUCCEEDED, artifact="x.mp4")
-            assert await a.finish(job.id, "me", SUCCEEDED, timings={"total": 1.5}, artifact=f"{job.id}.mp4")
+            assert seen.quality == {}  # no metrics before the video exists
+            quality = {"temporal_ssim": 0.9312, "temporal_psnr_db": 27.41, "flicker": 0.982}
+            assert await a.finish(job.id, "me", SUCCEEDED, timings={"total": 1.5}, artifact=f"{job.id}.mp4",
+                                  quality=quality)
             done = await b.get(job.id)
             assert done.state == SUCCEEDED and done.stage is None and done.timings == {"total": 1.5}
+            assert done.quality == quality and done.public()["quality"] == quality
             assert done.artifact == f"{job.id}.mp4" and done.error is None
             assert not await a.finish(job.id, "me", FAILED, error="late")  # already final
             assert (await a.get(job.id)).state == SUCCEEDED
             assert (await a.counts())[RUNNING] == 0
         finally:
             await _closed(a, b)
+
+    asyncio.run(body())
+
+
+def test_a_record_from_before_quality_metrics_reads_as_empty(make_store):
+    """Records written before jobs had `quality` (no column / no hash field) still load, and finish."""
+    async def body():
+        (store,) = await _started(make_store)
+        try:
+            job = await store.create(REQUEST, PLAN, "k")
+            if store.url.startswith("sqlite"):
+                await store.close()
+                with sqlite3.connect(store.path) as conn:
+                    conn.execute("ALTER TABLE jobs DROP COLUMN quality")
+                (store,) = await _started(make_store)  # adds the column back, empty
+            else:
+                await store._redis.hdel(store._job_key(job.id), "quality")
+            assert (await store.get(job.id)).quality == {}
+            (claimed,) = await store.claim("me", 1)
+            assert await store.finish(job.id, "me", SUCCEEDED, quality={"flicker": 0.99})
+            assert (await store.get(job.id)).quality == {"flicker": 0.99}
+        finally:
+            await _closed(store)
 
     asyncio.run(body())
 

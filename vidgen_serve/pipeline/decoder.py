@@ -12,6 +12,7 @@ import os
 import threading
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +22,18 @@ import torch
 from ..config import AppConfig
 from ..errors import VidgenError
 from ..media.mp4 import EncodeSettings, encode_mp4, select_h264_encoder
+from ..media.quality import quality_metrics
 from ..models.loading import device_for, load_vae, resolve_checkpoint
 from ..plan import GenerationPlan
+
+
+@dataclass
+class DecodeResult:
+    """What `Decoder.decode` measured: seconds per step, and the video's quality metrics
+    (`media.quality.quality_metrics` of the frames handed to the encoder)."""
+
+    timings: dict[str, float]
+    quality: dict[str, float] = field(default_factory=dict)
 
 
 class Decoder:
@@ -115,8 +126,13 @@ class Decoder:
 
     def decode(self, plan: GenerationPlan, latents: torch.Tensor, output_path: str | os.PathLike,
                cancel: threading.Event | None = None,
-               progress: Callable[[dict], None] | None = None) -> dict[str, float]:
-        """Latents -> MP4 at `output_path`. Returns per-step seconds {"vae_decode", "encode"}.
+               progress: Callable[[dict], None] | None = None) -> DecodeResult:
+        """Latents -> MP4 at `output_path`. Returns per-step seconds {"vae_decode", "quality_metrics",
+        "encode"} and the video's quality metrics.
+
+        The metrics are computed on the frames handed to the encoder: native resolution and
+        frame rate, before ffmpeg's frame-rate conversion and upscale (interpolated and
+        resampled frames would measure the interpolation, and cost up to 10x more pixels).
 
         Args:
             cancel: when set, stops the encode (raises `GenerationCancelled`).
@@ -132,7 +148,10 @@ class Decoder:
         report("vae_decode", 0.0)
         frames = self.decode_latents(plan, latents, progress=lambda f: report("vae_decode", f))
         t1 = time.perf_counter()
+        quality = quality_metrics(frames, self.device)
+        t2 = time.perf_counter()
         report("encode", 0.0)
         self.write_mp4(plan, frames, output_path, cancel)
         report("encode", 1.0)
-        return {"vae_decode": t1 - t0, "encode": time.perf_counter() - t1}
+        timings = {"vae_decode": t1 - t0, "quality_metrics": t2 - t1, "encode": time.perf_counter() - t2}
+        return DecodeResult(timings, quality)

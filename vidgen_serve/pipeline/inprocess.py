@@ -21,11 +21,13 @@ from .text_encoder import TextEncoder
 
 @dataclass
 class GenerationResult:
-    """Where the video went, the plan that made it, and seconds per stage."""
+    """Where the video went, the plan that made it, seconds per stage, and the video's quality
+    metrics (`media.quality`: temporal SSIM, temporal PSNR, flicker score)."""
 
     path: Path
     plan: GenerationPlan
     timings: dict[str, float] = field(default_factory=dict)
+    quality: dict[str, float] = field(default_factory=dict)
 
 
 class VideoPipeline:
@@ -70,6 +72,7 @@ class VideoPipeline:
         latents = self.denoiser.denoise(plan, embeddings, progress=progress, should_cancel=should_cancel)
         t2 = time.perf_counter()
         timings.update(text_encode=t1 - t0, denoise=t2 - t1)
-        timings.update(self.decoder.decode(plan, latents, output_path))
+        decoded = self.decoder.decode(plan, latents, output_path)
+        timings.update(decoded.timings)
         timings["total"] = time.perf_counter() - t0
-        return GenerationResult(Path(output_path), plan, timings)
+        return GenerationResult(Path(output_path), plan, timings, decoded.quality)

@@ -235,4 +235,5 @@ class JobRunner:
                 await self._progress(job.id, progress=progress.finished())
             except JobLost:  # another replica holds it now: it records the result
                 return
-            await self._finish(job.id, SUCCEEDED, "ok", timings=result.timings, artifact=result.artifact)
+            await self._finish(job.id, SUCCEEDED, "ok", timings=result.timings, artifact=result.artifact,
+                               quality=getattr(result, "quality", None) or None)

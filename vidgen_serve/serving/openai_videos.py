@@ -94,6 +94,9 @@ class Video(BaseModel):
     quality: str = "standard"
     remixed_from_video_id: str | None = None
     error: VideoError | None = None
+    # This product's addition: the finished video's quality metrics (`quality` is OpenAI's tier).
+    quality_metrics: dict[str, float] | None = Field(
+        None, description="Temporal SSIM, temporal PSNR (dB) and flicker score of the finished video.")
 
 
 class VideoList(BaseModel):
@@ -148,6 +151,7 @@ def to_video(job: Job, model: str) -> Video:
         id=video_id(job.id), model=model, status=_STATUS[job.state], progress=progress_percent(job),
         created_at=int(job.created_at), completed_at=int(job.updated_at) if job.state in FINAL_STATES else None,
         size=f"{plan.output_width}x{plan.output_height}", seconds=f"{plan.duration_s:g}", error=error,
+        quality_metrics=job.quality or None,
     )
 
 

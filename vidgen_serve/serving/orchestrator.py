@@ -30,7 +30,8 @@ class GenerationResult:
     """What one generation produced.
 
     `mp4` holds the bytes (sync requests); `artifact` the artifact-store key the Decoder
-    wrote (async jobs): then no video bytes travel through Ray to the ingress.
+    wrote (async jobs): then no video bytes travel through Ray to the ingress. `quality`: the
+    video's quality metrics, as the Decoder computed them (`media.quality`).
     """
 
     timings: dict[str, float]
@@ -39,6 +40,7 @@ class GenerationResult:
     mp4: bytes | None = None
     artifact: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, float] = field(default_factory=dict)
 
 
 def map_stage_error(stage: str, exc: BaseException, retry_after_s: int = 5) -> VidgenError:
@@ -187,31 +189,31 @@ class GenerationOrchestrator:
             timings.update(denoise_timings)
             if on_stage:
                 await on_stage("decode")
-            mp4, decode_timings = await self._decode(plan, latents, carrier, artifact_key, on_progress)
+            mp4, decode_timings, quality = await self._decode(plan, latents, carrier, artifact_key, on_progress)
             timings.update(decode_timings)
         timings["total"] = time.perf_counter() - t0
         self.stage_shares.observe(timings)
         return GenerationResult(timings=timings, denoiser=target,
                                 text_cache="hit" if embeddings.cache_misses == 0 else "miss",
-                                mp4=mp4, artifact=artifact_key)
+                                mp4=mp4, artifact=artifact_key, quality=quality)
 
     async def _decode(self, plan: GenerationPlan, latents: Any, carrier: dict, artifact_key: str | None,
-                      on_progress: ProgressCallback | None) -> tuple[bytes | None, dict[str, float]]:
+                      on_progress: ProgressCallback | None) -> tuple[bytes | None, dict[str, float], dict[str, float]]:
         """Decode to bytes (or into the artifact store under `artifact_key`), passing the
-        Decoder's phase progress on."""
+        Decoder's phase progress on. Returns (bytes or None, timings, quality metrics)."""
         decoder = self.decoder.options(stream=True)
         if artifact_key is None:
             gen = decoder.decode.remote(plan, latents, carrier, on_progress is not None)
         else:
             gen = decoder.decode_to_store.remote(plan, latents, artifact_key, carrier, on_progress is not None)
-        mp4, timings, done = None, {}, False
+        mp4, timings, quality, done = None, {}, {}, False
         try:
             async for item in gen:
                 if "progress" in item:
                     if on_progress is not None:
                         await on_progress(item["progress"])
                 else:
-                    mp4, timings, done = item.get("mp4"), item["timings"], True
+                    mp4, timings, quality, done = item.get("mp4"), item["timings"], item.get("quality") or {}, True
         except (asyncio.CancelledError, GenerationCancelled):
             raise
         except Exception as exc:  # noqa: BLE001
@@ -221,4 +223,4 @@ class GenerationOrchestrator:
                 gen.cancel()  # stops ffmpeg instead of finishing a video nobody will receive
         if not done or (artifact_key is None and mp4 is None):
             raise VidgenError(500, "the decode stage returned no video", code="stage_error")
-        return mp4, timings
+        return mp4, timings, quality

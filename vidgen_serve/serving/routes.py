@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..attention import AttentionRequest
 from ..errors import InvalidRequest, VidgenError, field_error
+from ..media.quality import quality_header
 from ..prompting.analysis import analysis_document, analyze as analyze_prompt
 from ..request import MAX_PROMPT_CHARS, Keyframe, VideoRequest, not_yet_applied, parse_request, request_schema
 from .http import admin_key, api_key, ingress_of, request_id, server_timing, warnings_header
@@ -87,6 +88,7 @@ async def generate(request: Request, body: VideoRequest, key: str = Depends(api_
         "X-Vidgen-Seed": str(plan.seed),
         "Content-Disposition": 'inline; filename="video.mp4"',
         **warnings_header(not_yet_applied(body) + [f"prompt: {w}" for w in plan.prompt_warnings]),
+        **quality_header(result.quality),
     }
     return Response(result.mp4, media_type="video/mp4", headers=headers)
 

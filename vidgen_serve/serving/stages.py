@@ -3,7 +3,8 @@
 Each loads its model once per replica and wraps every call in `telemetry.stage_call`
 (a child span from the carrier the ingress passes, the latency histogram, the failure
 counter). Tensors travel through Ray; MP4s of async jobs go to the artifact store (the
-Decoder writes them and returns only timings), and only the sync endpoint gets MP4 bytes.
+Decoder writes them and returns only timings and quality metrics), and only the sync
+endpoint gets MP4 bytes.
 Each replica reports the job store's queue depth to Serve's autoscaler
 (`record_autoscaling_stats`, see `serving/autoscaling.py`). The builder wraps these
 classes with `serve.deployment(...)`; tests may construct them directly inside a Ray worker.
@@ -23,12 +24,13 @@ from typing import Any, AsyncIterator, Callable
 from ..config import AppConfig
 from ..errors import VidgenError
 from ..models.loading import resolve_checkpoint
-from ..pipeline.decoder import Decoder
+from ..pipeline.decoder import Decoder, DecodeResult
 from ..pipeline.denoiser import Denoiser
 from ..pipeline.text_encoder import PromptEmbeddings, TextEncoder
 from ..plan import GenerationPlan
 from .autoscaling import QueueDepthProbe
 from .faults import FaultInjection, inject_faults
+from .quality_telemetry import QualityHistograms
 from .style_multiplex import StyleMultiplexer
 from .telemetry import StageMetrics, child_span, configure_tracing, stage_call
 
@@ -191,7 +193,9 @@ class DecoderDeployment(_QueueDepthStats):
 
     `decode` and `decode_to_store` are async generators: they yield {"progress": {"phase":
     "vae_decode" | "encode", "fraction": f}} while they work (unless the caller passes
-    progress=False) and finally {"mp4": bytes, "timings": ...} / {"timings": ...}.
+    progress=False) and finally {"mp4": bytes, "timings": ..., "quality": ...} / {"timings": ...,
+    "quality": ...}, where "quality" holds the video's quality metrics (`media.quality`), also
+    recorded in this replica's histograms.
 
     Args:
         config: the application config.
@@ -208,6 +212,7 @@ class DecoderDeployment(_QueueDepthStats):
             await self.artifacts.start()
         self.stage = Decoder(config)
         self.metrics = StageMetrics("decode")
+        self.quality_histograms = QualityHistograms(config.model_profile.name)
         self.faults = FaultInjection()
         self._watch_queue(settings)
 
@@ -218,38 +223,38 @@ class DecoderDeployment(_QueueDepthStats):
     async def decode(
         self, plan: GenerationPlan, latents: Any, carrier: dict | None = None, progress: bool = True
     ) -> AsyncIterator[dict[str, Any]]:
-        """Progress events, then the MP4 bytes and {"vae_decode": s, "encode": s} (the sync endpoint)."""
+        """Progress events, then the MP4 bytes, {"vae_decode": s, ...} and the quality metrics (the sync endpoint)."""
         with tempfile.TemporaryDirectory(prefix="vidgen-decode-") as tmp:
             path = os.path.join(tmp, "video.mp4")
-            timings: dict[str, float] = {}
+            result: dict[str, Any] = {}
             async for item in self._decode_file(plan, latents, path, carrier, progress):
                 if "progress" in item:
                     yield item
                 else:
-                    timings = item["timings"]
+                    result = item
             data = await asyncio.to_thread(_read_file, path)
-        yield {"mp4": data, "timings": timings}
+        yield {"mp4": data, **result}
 
     async def decode_to_store(
         self, plan: GenerationPlan, latents: Any, key: str, carrier: dict | None = None, progress: bool = True
     ) -> AsyncIterator[dict[str, Any]]:
         """Progress events, then the MP4 stored under `key` in the artifact store and {"timings":
-        ... + "store"}. Ends only once the store has the whole file; an upload that fails
-        raises (503) with the store's reason."""
+        ... + "store", "quality": ...}. Ends only once the store has the whole file; an upload
+        that fails raises (503) with the store's reason."""
         if self.artifacts is None:
             raise VidgenError(500, "the decoder has no artifact store", code="stage_error")
         with tempfile.TemporaryDirectory(prefix="vidgen-decode-") as tmp:
             path = os.path.join(tmp, "video.mp4")
-            timings: dict[str, float] = {}
+            result: dict[str, Any] = {"timings": {}}
             async for item in self._decode_file(plan, latents, path, carrier, progress):
                 if "progress" in item:
                     yield item
                 else:
-                    timings = item["timings"]
+                    result = item
             t0 = time.perf_counter()
             await self.artifacts.put_file(key, path)
-            timings["store"] = time.perf_counter() - t0
-        yield {"timings": timings}
+            result["timings"]["store"] = time.perf_counter() - t0
+        yield result
 
     async def _decode_file(self, plan: GenerationPlan, latents: Any, path: str, carrier: dict | None,
                            progress: bool) -> AsyncIterator[dict[str, Any]]:
@@ -275,17 +280,18 @@ class DecoderDeployment(_QueueDepthStats):
                     yield {"progress": waiting.result()}
                 while not events.empty():
                     yield {"progress": events.get_nowait()}
-                timings = await work
+                decoded = await work
             except (asyncio.CancelledError, GeneratorExit):
                 cancel.set()
                 raise
             finally:
                 if waiting is not None:
                     waiting.cancel()
-        yield {"timings": timings}
+        self.quality_histograms.observe(decoded.quality)
+        yield {"timings": decoded.timings, "quality": decoded.quality}
 
     def _decode_on_thread(self, plan: GenerationPlan, latents: Any, path: str, cancel: threading.Event,
-                          progress: Callable[[dict], None] | None) -> dict[str, float]:
+                          progress: Callable[[dict], None] | None) -> DecodeResult:
         return self.stage.decode(plan, latents, path, cancel, progress=progress)
 
 

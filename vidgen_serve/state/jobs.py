@@ -54,6 +54,7 @@ class Job:
     cancel_requested: bool = False
     artifact: str | None = None
     warnings: list[str] = field(default_factory=list)
+    quality: dict[str, float] = field(default_factory=dict)  # the video's metrics (media.quality), once done
 
     def public(self) -> dict[str, Any]:
         """The job as `GET /v1/video/jobs/{id}` shows it."""
@@ -69,6 +70,7 @@ class Job:
             "attempts": self.attempts,
             "seed": self.plan.get("seed"),
             "warnings": self.warnings,
+            "quality": self.quality,
         }
 
 
@@ -126,8 +128,10 @@ class JobStore(ABC):
 
     @abstractmethod
     async def finish(self, job_id: str, owner: str, state: str, *, error: str | None = None,
-                     timings: dict[str, float] | None = None, artifact: str | None = None) -> bool:
-        """End a running job `owner` holds in a final state; False if `owner` no longer holds it."""
+                     timings: dict[str, float] | None = None, artifact: str | None = None,
+                     quality: dict[str, float] | None = None) -> bool:
+        """End a running job `owner` holds in a final state; False if `owner` no longer holds it.
+        `timings` and `quality` (the video's metrics) are kept as they were when None."""
 
     @abstractmethod
     async def heartbeat(self, owner: str, job_ids: list[str]) -> set[str]:

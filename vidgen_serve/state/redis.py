@@ -25,7 +25,7 @@ from .jobs import (FINAL_STATES, OUT_OF_ATTEMPTS_ERROR, PROGRESS_FIELDS, QUEUED,
 
 T = TypeVar("T")
 
-_JSON = ("request", "plan", "progress", "timings", "warnings")
+_JSON = ("request", "plan", "progress", "timings", "warnings", "quality")
 _FLOAT = ("created_at", "updated_at", "heartbeat_at")
 
 # KEYS: queued, running. ARGV: prefix, owner, limit.
@@ -292,12 +292,15 @@ class RedisJobStore(JobStore):
 
     @_guard
     async def finish(self, job_id: str, owner: str, state: str, *, error: str | None = None,
-                     timings: dict[str, float] | None = None, artifact: str | None = None) -> bool:
+                     timings: dict[str, float] | None = None, artifact: str | None = None,
+                     quality: dict[str, float] | None = None) -> bool:
         if state not in FINAL_STATES:
             raise ValueError(f"not a final state: {state!r}")
         fields: dict[str, Any] = {"error": error, "artifact": artifact, "stage": None}
         if timings is not None:
             fields["timings"] = timings
+        if quality is not None:
+            fields["quality"] = quality
         done = await self._scripts["finish"](keys=[self._job_key(job_id), self._running],
                                              args=[owner, job_id, state, *_pairs(fields)])
         return done == 1

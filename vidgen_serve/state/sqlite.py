@@ -25,15 +25,15 @@ T = TypeVar("T")
 
 _COLUMNS = ("id", "state", "request", "plan", "key_id", "stage", "progress", "timings", "error", "created_at",
             "updated_at", "owner", "heartbeat_at", "attempts", "cancel_requested", "artifact",
-            "warnings")
-_JSON = frozenset({"request", "plan", "progress", "timings", "warnings"})
+            "warnings", "quality")
+_JSON = frozenset({"request", "plan", "progress", "timings", "warnings", "quality"})
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, state TEXT NOT NULL, request TEXT NOT NULL, plan TEXT NOT NULL,
     key_id TEXT NOT NULL, stage TEXT, progress TEXT NOT NULL, timings TEXT NOT NULL, error TEXT,
     created_at REAL NOT NULL, updated_at REAL NOT NULL, owner TEXT, heartbeat_at REAL,
     attempts INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0, artifact TEXT,
-    warnings TEXT NOT NULL DEFAULT '[]')"""
+    warnings TEXT NOT NULL DEFAULT '[]', quality TEXT NOT NULL DEFAULT '{}')"""
 
 
 def _to_job(row: tuple) -> Job:
@@ -76,6 +76,8 @@ class SQLiteJobStore(JobStore):
             conn.execute("ALTER TABLE jobs ADD COLUMN artifact TEXT")
         if "warnings" not in columns:  # a database written before jobs had warnings (none)
             conn.execute("ALTER TABLE jobs ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'")
+        if "quality" not in columns:  # a database written before jobs had quality metrics (none)
+            conn.execute("ALTER TABLE jobs ADD COLUMN quality TEXT NOT NULL DEFAULT '{}'")
         conn.execute("CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at)")
         conn.execute("CREATE INDEX IF NOT EXISTS jobs_key ON jobs(key_id, created_at)")
         self._conn = conn
@@ -179,15 +181,18 @@ class SQLiteJobStore(JobStore):
         return await self._run(_claim)
 
     async def finish(self, job_id: str, owner: str, state: str, *, error: str | None = None,
-                     timings: dict[str, float] | None = None, artifact: str | None = None) -> bool:
+                     timings: dict[str, float] | None = None, artifact: str | None = None,
+                     quality: dict[str, float] | None = None) -> bool:
         if state not in FINAL_STATES:
             raise ValueError(f"not a final state: {state!r}")
 
         def _finish() -> bool:
             cur = self._db().execute(
                 "UPDATE jobs SET state = ?, stage = NULL, error = ?, timings = COALESCE(?, timings), "
-                "artifact = ?, updated_at = ? WHERE id = ? AND owner = ? AND state = ?",
-                (state, error, json.dumps(timings) if timings is not None else None, artifact, time.time(),
+                "quality = COALESCE(?, quality), artifact = ?, updated_at = ? "
+                "WHERE id = ? AND owner = ? AND state = ?",
+                (state, error, json.dumps(timings) if timings is not None else None,
+                 json.dumps(quality) if quality is not None else None, artifact, time.time(),
                  job_id, owner, RUNNING))
             return cur.rowcount == 1
 
