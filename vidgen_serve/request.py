@@ -117,11 +117,7 @@ def not_yet_applied(request: VideoRequest) -> list[str]:
         One ``"<field>: <what happens>"`` line per field set to other than its default.
     """
     pending = {
-        "motion_intensity": "accepted but not applied yet (the amount of motion is the model's own)",
-        "color_palette": "accepted but not applied yet (no colour grade)",
-        "camera_motion": "accepted but not applied yet (no camera move)",
         "keyframes": "accepted but not applied yet (one prompt for the whole video)",
-        "temporal_consistency": "only the sliding-window overlap is applied; seam blending and deflicker are not yet",
     }
     warnings = []
     for field, what in pending.items():
