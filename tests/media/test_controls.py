@@ -183,6 +183,8 @@ def test_camera_move_is_one_path_across_interpolation_chunks():
     frames = np.repeat(np.repeat(frames, 3, axis=3), 9, axis=0)
     moved = camera_move(frames, "pan")
     assert np.array_equal(camera_move(frames[:5], "pan", span=9), moved[:5])  # same windows given fewer frames
+    long = np.repeat(frames[:1], 40, axis=0)  # across the resampling batches too
+    assert np.array_equal(camera_move(long[:20], "zoom", span=40), camera_move(long, "zoom")[:20])
     # Brightness under the window's centre rises steadily as the window slides right over the ramp.
     centre = moved[:, 32, 56, 0].astype(int)
     assert (np.diff(centre) > 0).all() and np.ptp(np.diff(centre)) <= 2, centre  # uint8 ramp steps

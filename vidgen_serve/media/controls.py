@@ -26,6 +26,7 @@ ZOOM_END = 0.7  # the zoom's window ends at 70% of the rendered frame (1.43x clo
 COLOR_TEMPERATURE_K = {"warm": 4000, "cool": 10000}  # neutral: no grade
 DEFAULT_CONSISTENCY = 0.85
 MAX_DEFLICKER_SIZE = 9  # frames averaged by deflicker at temporal_consistency 1.0
+CAMERA_BATCH_FRAMES = 16  # frames resampled at once by the camera move
 
 
 def color_temperature(palette: str) -> int | None:
@@ -78,8 +79,12 @@ def camera_move(frames: np.ndarray, motion: str, span: int | None = None) -> np.
         return frames
     n, height, width, _ = frames.shape
     theta = camera_windows(n, motion, span).float()
+    out = np.empty_like(frames)
     with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-        grid = F.affine_grid(theta, [n, 3, height, width], align_corners=False)
-        out = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
-        return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+        for start in range(0, n, CAMERA_BATCH_FRAMES):  # bounded memory: float copies of a few frames at a time
+            end = min(n, start + CAMERA_BATCH_FRAMES)
+            x = torch.from_numpy(np.ascontiguousarray(frames[start:end])).permute(0, 3, 1, 2).float()
+            grid = F.affine_grid(theta[start:end], [end - start, 3, height, width], align_corners=False)
+            moved = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
+            out[start:end] = moved.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
