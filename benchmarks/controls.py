@@ -12,7 +12,8 @@ Loads `VideoPipeline` once (tiny profile by default), warms every stage up, then
    (`vidgen_serve.media.quality.quality_metrics` on the output frames, "n/a" where that module is
    not installed), each relative to the VAE decode stage of the same case.
 
-Every measurement is the median of `--reps` runs. Ratios are printed side by side as
+Every measurement is the median of `--reps` runs, taken round-robin over the cases (the machine's
+load changes hit every case alike); CPU seconds are the steadier measure on a shared machine. Ratios are printed side by side as
 ``ratio <name>: <value>`` lines (the smoke test parses them).
 
 Run: ``python benchmarks/controls.py`` (``--reps N``, ``--json out.json``, ``--quick``: 480p, 1/2/3 s,
@@ -66,14 +67,16 @@ def per_second_cost(pipeline, config, durations: list[float], resolution: str, r
     from vidgen_serve.plan import build_plan
     from vidgen_serve.request import VideoRequest
 
-    rows = {}
-    for duration in durations:
-        plan = build_plan(VideoRequest(prompt=PROMPT, duration=duration, resolution=resolution, seed=SEED), config)
-        samples = []
-        for _ in range(reps):
+    plans = {d: build_plan(VideoRequest(prompt=PROMPT, duration=d, resolution=resolution, seed=SEED), config)
+             for d in durations}
+    samples: dict[float, list[tuple[float, float]]] = {d: [] for d in durations}
+    for _ in range(reps):  # round-robin: a change of the machine's load hits every duration alike
+        for duration, plan in plans.items():
             wall, cpu, _ = _timed_cpu(pipeline.generate, plan, os.path.join(workdir, f"d{duration}.mp4"))
-            samples.append((wall, cpu))
-        wall, cpu = _median(samples)
+            samples[duration].append((wall, cpu))
+    rows = {}
+    for duration, plan in plans.items():
+        wall, cpu = _median(samples[duration])
         rows[duration] = {"wall_s": wall, "cpu_s": cpu, "wall_per_s": wall / duration, "cpu_per_s": cpu / duration,
                           "windows": len(plan.windows), "output": f"{plan.output_width}x{plan.output_height}"}
     return rows
@@ -93,16 +96,18 @@ def control_costs(pipeline, config, duration: float, resolution: str, reps: int,
 
     plain = plan_for()
     latents = pipeline.denoiser.denoise(plain, pipeline.text_encoder.encode(plain))
-    decode = [_timed_cpu(pipeline.decoder.decode_latents, plain, latents)[:2] for _ in range(reps)]
     frames = pipeline.decoder.decode_latents(plain, latents)
     output = os.path.join(workdir, "controls.mp4")
-    encode = [_timed_cpu(pipeline.decoder.write_mp4, plain, frames, output)[:2] for _ in range(reps)]
-    result = {"vae_decode": _median(decode), "encode": _median(encode)}
+    plans = {"encode": plain, **{name: plan_for(**fields) for name, fields in CONTROLS.items()}}
+    samples: dict[str, list[tuple[float, float]]] = {"vae_decode": [], **{name: [] for name in plans}}
+    for _ in range(reps):  # round-robin, as above
+        samples["vae_decode"].append(_timed_cpu(pipeline.decoder.decode_latents, plain, latents)[:2])
+        for name, plan in plans.items():
+            samples[name].append(_timed_cpu(pipeline.decoder.write_mp4, plan, frames, output)[:2])
+    result = {"vae_decode": _median(samples["vae_decode"]), "encode": _median(samples["encode"])}
     base_wall, base_cpu = result["encode"]
-    for name, fields in CONTROLS.items():
-        plan = plan_for(**fields)
-        samples = [_timed_cpu(pipeline.decoder.write_mp4, plan, frames, output)[:2] for _ in range(reps)]
-        wall, cpu = _median(samples)
+    for name in CONTROLS:
+        wall, cpu = _median(samples[name])
         result[name] = (max(0.0, wall - base_wall), max(0.0, cpu - base_cpu))
     try:
         from vidgen_serve.media.quality import quality_metrics
@@ -118,24 +123,24 @@ def control_costs(pipeline, config, duration: float, resolution: str, reps: int,
 
 
 def ratios(costs: dict, controls: dict) -> dict[str, float | None]:
-    """The ratios the benchmark reports (CPU seconds; None where a part is not available)."""
+    """The ratios the benchmark reports, CPU and wall seconds (None where a part is not available)."""
     durations = sorted(costs)
     short, long_ = costs[durations[0]], costs[durations[-1]]
     out: dict[str, float | None] = {
         f"per-second cost {durations[-1]:g}s / {durations[0]:g}s (cpu)": long_["cpu_per_s"] / short["cpu_per_s"],
         f"per-second cost {durations[-1]:g}s / {durations[0]:g}s (wall)": long_["wall_per_s"] / short["wall_per_s"],
     }
-    decode_cpu = controls["vae_decode"][1]
     for name in (*CONTROLS, "quality metrics"):
         value = controls[name]
-        out[f"{name} / vae decode (cpu)"] = None if value is None else value[1] / decode_cpu
+        for kind, i in (("cpu", 1), ("wall", 0)):  # values are (wall, cpu)
+            out[f"{name} / vae decode ({kind})"] = None if value is None else value[i] / controls["vae_decode"][i]
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="tiny")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions per measurement (median reported)")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions per measurement (median reported)")
     parser.add_argument("--quick", action="store_true", help="480p, 1/2/3 s, one run each (smoke check)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
