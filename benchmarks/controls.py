@@ -16,8 +16,8 @@ Every measurement is the median of `--reps` runs, taken round-robin over the cas
 load changes hit every case alike); CPU seconds are the steadier measure on a shared machine. Ratios are printed side by side as
 ``ratio <name>: <value>`` lines (the smoke test parses them).
 
-Run: ``python benchmarks/controls.py`` (``--reps N``, ``--json out.json``, ``--quick``: 480p, 1/2/3 s,
-one run each, a smoke check that every part runs).
+Run: ``python benchmarks/controls.py`` (``--reps N``, ``--json out.json``; ``--quick``: 480p,
+1/2/3 s, one run each, a smoke check that every part runs).
 """
 
 from __future__ import annotations

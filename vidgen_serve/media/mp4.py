@@ -333,8 +333,9 @@ def encode_mp4(frames: np.ndarray, settings: EncodeSettings, output_path: str | 
         frames = pad_for_interpolation(frames, settings)
         interpolate = True
         moving = settings.camera_motion != "static"
-        if settings.out_fps != settings.in_fps and (moving or (
-                settings.interpolation == "mci" and len(interpolation_chunks(len(frames), settings, settings.workers)) > 1)):
+        chunked = (settings.interpolation == "mci"
+                   and len(interpolation_chunks(len(frames), settings, settings.workers)) > 1)
+        if settings.out_fps != settings.in_fps and (moving or chunked):
             # Motion-compensated interpolation is single-threaded in ffmpeg: run it over time chunks.
             # A camera move needs the frames on the output clock (one window per output frame).
             frames, interpolate = interpolate_chunked(frames, settings, cancel=cancel), False
