@@ -288,5 +288,5 @@ def test_not_yet_applied_lists_only_the_fields_set():
     warned = not_yet_applied(parse_request({**BASE, "motion_intensity": 0.5, "camera_motion": "zoom",
                                             "keyframes": [{"time_s": 1, "prompt": "b"}],
                                             "temporal_consistency": 0.9}))
-    assert [w.split(":")[0] for w in warned] == ["motion_intensity", "camera_motion", "temporal_consistency"]
-    assert "overlap" in warned[-1]
+    # every control is applied now (tests/media/test_controls.py, tests/pipeline/test_keyframes.py)
+    assert warned == []

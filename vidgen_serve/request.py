@@ -116,12 +116,9 @@ def not_yet_applied(request: VideoRequest) -> list[str]:
     Returns:
         One ``"<field>: <what happens>"`` line per field set to other than its default.
     """
-    pending = {
-        "motion_intensity": "accepted but not applied yet (the amount of motion is the model's own)",
-        "color_palette": "accepted but not applied yet (no colour grade)",
-        "camera_motion": "accepted but not applied yet (no camera move)",
-        "temporal_consistency": "only the sliding-window overlap is applied; seam blending and deflicker are not yet",
-    }
+    # Every field of today's request acts on the video: none is pending. A field added to the
+    # contract before a stage acts on it gets its entry here until it does.
+    pending: dict[str, str] = {}
     warnings = []
     for field, what in pending.items():
         default = VideoRequest.model_fields[field].get_default(call_default_factory=True)

@@ -216,6 +216,20 @@ def test_tp2_generation_matches_tp1(group, tp2_config, checkpoint, references, p
     assert mismatch < MAX_PIXEL_MISMATCH, f"{mismatch:.4%} of decoded uint8 values differ (latent diff {diff:.3g})"
 
 
+def test_tp2_applies_motion_and_seam_controls_like_tp1(group, tp2_config, checkpoint, tiny_config, pipeline):
+    """The ranks build the initial noise (motion_intensity) and seam ramps (temporal_consistency) as TP=1 does."""
+    body = {"prompt": PROMPT, "duration": 8, "resolution": "480p", "seed": 7, "motion_intensity": 0.3,
+            "temporal_consistency": 1.0}
+    plan = build_plan(parse_request(body), tiny_config)
+    assert len(plan.windows) > 1
+    emb = pipeline.text_encoder.encode(plan)
+    ref = pipeline.denoiser.denoise(plan, emb)
+    latents = _healthy(group, tp2_config, checkpoint).denoise(plan, emb)
+    assert (latents - ref).abs().max().item() <= LATENT_ATOL
+    plain = pipeline.denoiser.denoise(_plan(tiny_config, 8), emb)
+    assert (ref - plain).abs().max().item() > 0.1  # the controls did change the latents
+
+
 def test_step_by_step_run_interface(group, tp2_config, checkpoint, references):
     plan, emb, ref_latents, _ = references[8]
     g = _healthy(group, tp2_config, checkpoint)

@@ -32,6 +32,7 @@ import ffmpeg
 import numpy as np
 
 from ..errors import GenerationCancelled, VidgenError
+from .controls import camera_move
 
 
 def ffmpeg_exe() -> str:
@@ -58,6 +59,9 @@ class EncodeSettings:
     interpolation: str = "mci"
     threads: int = 0  # CPU threads for interpolation chunks and x264; 0 = `available_cpus()`
     encoder: str = "libx264"  # or "h264_nvenc" (see `select_h264_encoder`)
+    camera_motion: str = "static"  # camera move on the output clock (`media.controls`); static = none
+    color_temperature: int | None = None  # Kelvin of the colour grade (`media.controls`); None = no grade
+    deflicker_size: int = 0  # frames of the deflicker window (`media.controls`); 0 = no deflicker
 
     @property
     def workers(self) -> int:
@@ -81,11 +85,16 @@ def post_process(stream, width: int, height: int, settings: EncodeSettings, inte
     """The post-processing filter chain applied to the decoded frames, in order.
 
     One place to add filters: frame-rate conversion (unless the frames were already
-    interpolated in chunks, `interpolate=False`), then the upscale to the output size.
+    interpolated in chunks, `interpolate=False`), deflicker and colour grade (creative
+    controls, at the native size where they are cheaper), then the upscale to the output size.
     Filters added after the interpolation see frames on the output clock (`out_fps`).
     """
     if interpolate and settings.out_fps != settings.in_fps:
         stream = interpolation_filter(stream, settings)
+    if settings.deflicker_size:
+        stream = stream.filter("deflicker", size=settings.deflicker_size, mode="am")
+    if settings.color_temperature is not None:
+        stream = stream.filter("colortemperature", temperature=settings.color_temperature)
     if (width, height) != (settings.out_width, settings.out_height):
         stream = stream.filter("scale", settings.out_width, settings.out_height, flags="lanczos")
     return stream
@@ -323,10 +332,15 @@ def encode_mp4(frames: np.ndarray, settings: EncodeSettings, output_path: str | 
         _, height, width, _ = frames.shape
         frames = pad_for_interpolation(frames, settings)
         interpolate = True
-        if (settings.interpolation == "mci" and settings.out_fps != settings.in_fps
-                and len(interpolation_chunks(len(frames), settings, settings.workers)) > 1):
+        moving = settings.camera_motion != "static"
+        chunked = (settings.interpolation == "mci"
+                   and len(interpolation_chunks(len(frames), settings, settings.workers)) > 1)
+        if settings.out_fps != settings.in_fps and (moving or chunked):
             # Motion-compensated interpolation is single-threaded in ffmpeg: run it over time chunks.
+            # A camera move needs the frames on the output clock (one window per output frame).
             frames, interpolate = interpolate_chunked(frames, settings, cancel=cancel), False
+        if moving:
+            frames = camera_move(frames, settings.camera_motion, span=settings.out_frames)
         run_ffmpeg(build_stream(width, height, settings, tmp, interpolate=interpolate), frames, cancel)
         os.replace(tmp, output)
     finally:

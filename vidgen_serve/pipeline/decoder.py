@@ -21,6 +21,7 @@ import torch
 
 from ..config import AppConfig
 from ..errors import VidgenError
+from ..media.controls import color_temperature, deflicker_size
 from ..media.mp4 import EncodeSettings, encode_mp4, select_h264_encoder
 from ..media.quality import quality_metrics
 from ..models.loading import device_for, load_vae, resolve_checkpoint
@@ -117,11 +118,14 @@ class Decoder:
             interpolation=self.profile.interpolation,
             threads=self.profile.decoder_threads or 0,
             encoder=self.video_encoder,
+            camera_motion=plan.camera_motion,
+            color_temperature=color_temperature(plan.color_palette),
+            deflicker_size=deflicker_size(plan.temporal_consistency),
         )
 
     def write_mp4(self, plan: GenerationPlan, frames: np.ndarray, output_path: str | os.PathLike,
                   cancel: threading.Event | None = None) -> Path:
-        """Frame-rate conversion, upscale and H.264 encode of native frames into `output_path`."""
+        """Frame-rate conversion, camera move, grade, upscale and H.264 encode of native frames into `output_path`."""
         return encode_mp4(frames, self.encode_settings(plan), output_path, cancel)
 
     def decode(self, plan: GenerationPlan, latents: torch.Tensor, output_path: str | os.PathLike,

@@ -20,6 +20,7 @@ from ..config import AppConfig
 from ..errors import GenerationCancelled
 from ..models.loading import device_for, load_scheduler, load_transformer, resolve_checkpoint
 from ..plan import GenerationPlan, Window
+from .controls import DEFAULT_CONSISTENCY, correlate_frames, seam_ramp
 from .styles import DEFAULT_MAX_STYLES, StyleAdapters
 from .text_encoder import PromptEmbeddings
 
@@ -44,18 +45,23 @@ def set_attention_backend(transformer: Any, backend: str) -> None:
 
 
 def initial_noise(plan: GenerationPlan, channels: int) -> torch.Tensor:
-    """The seeded initial latents for the whole video (CPU generator: same on every device)."""
+    """The seeded initial latents for the whole video (CPU generator: same on every device).
+
+    Frames share a noise component that grows as `plan.motion_intensity` falls (see `controls`).
+    """
     generator = torch.Generator("cpu").manual_seed(plan.seed)
     shape = (1, channels, plan.latent_frames, plan.latent_height, plan.latent_width)
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
+    eps = torch.randn(shape, generator=generator, dtype=torch.float32)
+    return correlate_frames(eps, plan.motion_intensity, generator)
 
 
-def window_weights(windows: list[Window], overlap: int) -> list[torch.Tensor]:
-    """Per-latent-frame blend weights of each window: 1 inside, ramping across overlaps."""
+def window_weights(windows: list[Window], overlap: int,
+                   temporal_consistency: float = DEFAULT_CONSISTENCY) -> list[torch.Tensor]:
+    """Per-latent-frame blend weights of each window: 1 inside, ramping across overlaps (`seam_ramp`)."""
     weights = []
+    ramp = seam_ramp(overlap, temporal_consistency)
     for k, win in enumerate(windows):
         w = torch.ones(win.length)
-        ramp = torch.arange(1, overlap + 1, dtype=torch.float32) / (overlap + 1)
         if k > 0:
             w[:overlap] = torch.minimum(w[:overlap], ramp)
         if k < len(windows) - 1:
@@ -291,7 +297,8 @@ class DenoiseRun:
         # 3. Initial latents for the whole video, and the windows' blend weights
         self._latents = initial_noise(plan, denoiser.in_channels).to(device)
         self.weights = [
-            w.to(device).view(1, 1, -1, 1, 1) for w in window_weights(plan.windows, plan.overlap_latent_frames)
+            w.to(device).view(1, 1, -1, 1, 1)
+            for w in window_weights(plan.windows, plan.overlap_latent_frames, plan.temporal_consistency)
         ]
         self.step = 0  # steps completed
         self.window = 0  # windows of the current step completed
