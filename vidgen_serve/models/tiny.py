@@ -54,7 +54,7 @@ TEXT_ENCODER_CONFIG = dict(
 SCHEDULER_CONFIG = dict(shift=3.0)
 TOKENIZER_VOCAB = 2000
 SEED = 0
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the VAE decoder's weights are re-initialised so its frames follow the latents
 
 # A small bilingual corpus: enough for a byte-level BPE to learn common pieces. Any text
 # still tokenizes (byte fallback), so prompts are never rejected by the tokenizer.
@@ -120,10 +120,51 @@ def _build(target: Path) -> None:
     transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG).eval()
     torch.manual_seed(SEED)
     vae = AutoencoderKLWan(**VAE_CONFIG).eval()
+    _make_decoder_follow_latents(vae, torch.Generator().manual_seed(SEED + 1))
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                        transformer=transformer)
     pipe.save_pretrained(target)
+
+
+def _make_decoder_follow_latents(vae, generator) -> None:
+    """Re-initialise the VAE decoder so that its frames depend on the latents, smoothly in time.
+
+    With PyTorch's default init the decoder's conv biases (~U(+-1/sqrt(fan_in))) outweigh its
+    shrinking signal (weight variance 1/(3 fan_in) per layer), and its per-pixel RMS norms turn what
+    is left into a bias-driven picture: two independent latent videos decode ~2/255 apart. Here:
+    - every conv (and `post_quant_conv`) draws He-normal weights (variance 2/fan_in) and no bias, so
+      the latents' signal keeps its scale through the decoder;
+    - the causal 3D convs keep only their current-frame taps (a per-frame 2D network), and each
+      temporal upsampler (`time_conv`, dim -> 2 dim) interpolates linearly: its first output frame is
+      the mean of the previous and the current input frame, its second the current one. A static
+      latent video decodes to static frames; frames change as smoothly as the latents do.
+    Same modules and shapes (the config is unchanged), so the decode cost is the same.
+    """
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        for name, module in [("post_quant_conv", vae.post_quant_conv), *vae.decoder.named_modules()]:
+            if not isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                continue
+            weight = module.weight
+            if name.endswith("time_conv"):
+                dim = weight.shape[1]
+                eye = torch.eye(dim)
+                weight.zero_()
+                weight[:dim, :, -2, 0, 0] = 0.5 * eye
+                weight[:dim, :, -1, 0, 0] = 0.5 * eye
+                weight[dim:, :, -1, 0, 0] = eye
+            else:
+                fresh = torch.zeros_like(weight)
+                current = fresh[:, :, -1] if weight.dim() == 5 else fresh  # causal: the last tap is frame t
+                fan_in = current[0].numel()
+                current.copy_(torch.randn(current.shape, generator=generator) * math.sqrt(2.0 / fan_in))
+                weight.copy_(fresh)
+            if module.bias is not None:
+                module.bias.zero_()
 
 
 def build_once(target: Path, build, marker: str = "model_index.json") -> Path:
