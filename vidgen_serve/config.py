@@ -445,4 +445,9 @@ class AppConfig(BaseModel):
             # The short form of `parallel: {tp: N}` replaces the profile's layout as `parallel` would.
             base.pop("parallel")
         base.update(overrides)
+        if base["checkpoint"] != "builtin:tiny" and "style_loras" not in overrides:
+            # The built-in tiny adapters belong to the built-in checkpoint: another checkpoint
+            # (e.g. `tiny` pointed at a local copy) keeps only the adapters meant for it.
+            base["style_loras"] = {name: ref for name, ref in base.get("style_loras", {}).items()
+                                   if not ref.startswith(BUILTIN_TINY_LORA)}
         return ModelProfile.model_validate(base)

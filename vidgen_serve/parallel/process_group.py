@@ -25,6 +25,7 @@ __all__ = [
     "disable_unsupported_deepspeed_ops",
     "init_process_group",
     "init_tp_process_group",
+    "join_store",
     "listen_store",
 ]
 
@@ -90,8 +91,8 @@ def init_process_group(
     wraps the existing torch group).  Returns the backend used.  Idempotent.
 
     ``store``: the group's rendezvous store, when the caller holds one (rank 0's, from
-    :func:`listen_store`, or a client of it); default: a ``tcp://`` rendezvous at
-    ``master_addr:master_port``.
+    :func:`listen_store`, or :func:`join_store`'s client of it); default: a ``tcp://`` rendezvous
+    at ``master_addr:master_port`` (every rank must then use it).
     """
     if backend is None:
         backend = default_backend()
@@ -110,8 +111,6 @@ def init_process_group(
 
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        if store is None and rank != 0:
-            store = dist.TCPStore(str(master_addr), int(master_port), world_size, is_master=False, timeout=timeout)
         if store is not None:
             dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         else:
@@ -132,14 +131,20 @@ def init_process_group(
     return backend
 
 
-def listen_store(host: str, world_size: int, timeout_s: float = 600.0) -> dist.TCPStore:
-    """Rank 0's rendezvous store, listening on a port the OS picks (``store.port``).
+def listen_store(host: str, world_size: int, timeout_s: float = 600.0, port: int = 0) -> dist.TCPStore:
+    """Rank 0's rendezvous store, listening on ``port`` (0: a port the OS picks, ``store.port``).
 
-    The port is bound when it is chosen and held until the group forms, so no other process
-    can take it in between (picking a free port first and binding it later races with every
-    other process opening ports on the node).
+    With port 0 the port is bound when it is chosen and held until the group forms, so no other
+    process can take it in between (picking a free port first and binding it later races with
+    every other process opening ports on the node).
     """
-    return dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
+    return dist.TCPStore(host, int(port), world_size, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def join_store(host: str, port: int, world_size: int, timeout_s: float = 600.0) -> dist.TCPStore:
+    """A client of rank 0's :func:`listen_store` (the other ranks' side of the rendezvous)."""
+    return dist.TCPStore(host, int(port), world_size, is_master=False,
                          timeout=datetime.timedelta(seconds=timeout_s))
 
 

@@ -86,7 +86,7 @@ class ParallelWorker:
         """Join the group, load this rank's part of the transformer, build its ``Denoiser``."""
         from ..models.loading import resolve_checkpoint
         from ..pipeline.denoiser import Denoiser
-        from .process_group import build_parallel_groups, init_process_group
+        from .process_group import build_parallel_groups, init_process_group, join_store, listen_store
         from .transformer import load_parallel_transformer
 
         if self.denoiser is not None:
@@ -103,9 +103,18 @@ class ParallelWorker:
         else:
             local_rank = self.rank
             backend = "gloo"
+        # Rank 0 listens (on the store it opened in `rendezvous`, or on the given port); the others join it.
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # this process already belongs to a group (e.g. a test's rank pool)
+            store = None
+        elif self.rank == 0:
+            store = self._store or listen_store(master_addr, self.world_size, timeout_s, port=int(master_port))
+        else:
+            store = join_store(master_addr, int(master_port), self.world_size, timeout_s)
         self.backend = init_process_group(
             self.rank, self.world_size, master_addr, int(master_port), backend=backend,
-            local_rank=local_rank, timeout_s=timeout_s, store=self._store,
+            local_rank=local_rank, timeout_s=timeout_s, store=store,
         )
         self._store = None  # the process group holds it now
         self.groups = build_parallel_groups(profile.parallel)
