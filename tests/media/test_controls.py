@@ -4,9 +4,9 @@ motion_intensity (initial-noise correlation), color_palette (colour grade), came
 move on over-scanned frames) and temporal_consistency (window overlap, seam ramp, deflicker), through
 the in-process pipeline, on real MP4s probed with PyAV.
 
-Frames of the random tiny VAE: its first five native frames (0.6 s) are a warm-up flash, left out of
-the motion measurements. The tiny VAE barely depends on its latents (two independent latent videos
-decode to frames ~2/255 apart), so what the denoiser does to the latents is measured on the latents.
+The tiny checkpoint's VAE decoder follows its latents (`vidgen_serve.models.tiny`: a static latent
+video decodes to static frames, independent ones ~49/255 apart), so every claim is measured on the
+output frames. The first 0.8 s (the causal decoder's start-up) are left out of the motion measurements.
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from skimage.filters import window
+from skimage.registration import phase_cross_correlation
 
-from vidgen_serve.media.controls import camera_move, color_temperature, deflicker_size
+from vidgen_serve.media.controls import (PAN_OVERSCAN, ZOOM_END, camera_move, color_temperature,
+                                         deflicker_size)
 from vidgen_serve.media.mp4 import EncodeSettings, build_stream
 from vidgen_serve.pipeline.controls import noise_correlation, seam_ramp
 from vidgen_serve.pipeline.denoiser import initial_noise, window_weights
@@ -47,21 +50,16 @@ def gray(frames: np.ndarray, pool: int = 4) -> np.ndarray:
 
 
 def phase_shift(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(dy, dx) with b(x) ~ a(x - d): phase correlation with a parabolic sub-pixel peak."""
-    h, w = a.shape
-    window = np.outer(np.hanning(h), np.hanning(w))
-    cross = np.conj(np.fft.fft2((a - a.mean()) * window)) * np.fft.fft2((b - b.mean()) * window)
-    r = np.fft.ifft2(cross / (np.abs(cross) + 1e-12)).real
-    py, px = np.unravel_index(np.argmax(r), r.shape)
+    """(dy, dx) with b(x) ~ a(x - d), to 1/100 px: scikit-image's upsampled cross-correlation.
 
-    def refine(c: int, n: int, axis: int) -> float:
-        lo = r[(c - 1) % n, px] if axis == 0 else r[py, (c - 1) % n]
-        hi = r[(c + 1) % n, px] if axis == 0 else r[py, (c + 1) % n]
-        den = lo - 2 * r[py, px] + hi
-        d = c + (0.5 * (lo - hi) / den if den else 0.0)
-        return d - n if d > n / 2 else d
-
-    return refine(py, h, 0), refine(px, w, 1)
+    Plain cross-correlation (not the phase-normalised one, which whitens the spectrum and lets the
+    codec's noise and the content's own frame-to-frame change pull the peak) of Hann-windowed,
+    mean-free frames; the window keeps the picture's edges, where content enters and leaves, out.
+    """
+    win = window("hann", a.shape)
+    shift = phase_cross_correlation((a - a.mean()) * win, (b - b.mean()) * win, upsample_factor=100,
+                                    normalization=None)[0]
+    return -float(shift[0]), -float(shift[1])
 
 
 def zoom_scale(a: np.ndarray, b: np.ndarray, grid=(3, 4)) -> float:
@@ -104,15 +102,14 @@ def test_motion_noise_keeps_unit_variance_and_the_default_is_the_plain_seeded_no
         assert abs(corr - noise_correlation(intensity)) < 0.05, (intensity, corr)
 
 
-@pytest.mark.parametrize("seed", [1, 7, 23])
-def test_motion_intensity_orders_the_change_between_denoised_frames(pipeline, seed):
-    """Mean |difference| of consecutive latent frames, through the tiny transformer's sampling loop."""
+def test_motion_intensity_orders_the_change_between_output_frames(pipeline, probe_mp4, tmp_path):
+    """Mean |difference| of consecutive MP4 frames (0..255) rises over 0.1, 0.5, 1.0, 1.5."""
     change = []
     for intensity in (0.1, 0.5, 1.0, 1.5):
-        plan = pipeline.plan(request(motion_intensity=intensity, seed=seed))
-        latents = pipeline.denoiser.denoise(plan, pipeline.text_encoder.encode(plan))
-        change.append(latents.diff(dim=2).abs().mean().item())
-    assert change == sorted(change) and change[-1] > 2 * change[0], change
+        frames = render(pipeline, probe_mp4, tmp_path, motion_intensity=intensity)
+        frames = frames[round(WARM_UP_S * BASE["fps"]):].astype(np.float64)
+        change.append(float(np.abs(np.diff(frames, axis=0)).mean()))
+    assert change == sorted(change) and change[-1] > 1.6 * change[0], change  # seed 7: 7.3, 11.4, 13.2, 15.8
 
 
 # --- color_palette ----------------------------------------------------------------------------------
@@ -150,25 +147,41 @@ def camera_videos(pipeline, probe_mp4, tmp_path_factory):
     return {motion: render(pipeline, probe_mp4, tmp, camera_motion=motion) for motion in ("static", "pan", "zoom")}
 
 
+def expected_moves(frames: np.ndarray, pool: int = 4) -> tuple[float, float]:
+    """Per output frame, what the camera move applies: (pan's dx in pooled px, zoom's scale ratio).
+
+    The pan's window (1 - PAN_OVERSCAN of the width, resampled to the full width) slides by
+    2 * PAN_OVERSCAN (normalised units) over the clip; the zoom's window shrinks by ZOOM_END.
+    """
+    n, _, w = frames.shape[:3]
+    dx = -2 * PAN_OVERSCAN / (n - 1) / (1 - PAN_OVERSCAN) * (w / 2) / pool
+    return dx, ZOOM_END ** (-1 / (n - 1))
+
+
 def test_pan_is_a_steady_horizontal_shift(camera_videos):
-    dx, scale = consecutive(camera_videos["pan"], BASE["fps"])
+    frames = camera_videos["pan"]
+    dx, scale = consecutive(frames, BASE["fps"])
+    expected = expected_moves(frames)[0]  # -1.21 px (pooled) per frame: content moves left
     median = np.median(dx)
-    assert median < -0.5  # content moves left: the window slides right (0.2 of the width over the clip)
-    assert (dx < 0).mean() >= 0.85, dx  # one sign (a few pairs carry a jump of the random content)
+    assert abs(median - expected) < 0.15 * abs(expected), (expected, dx)
+    assert (dx < 0).all(), dx  # one sign
     q1, q3 = np.percentile(dx, [25, 75])
-    assert q3 - q1 < 0.3 * abs(median), dx  # steady speed
+    assert q3 - q1 < 0.25 * abs(expected), dx  # steady speed
     first, second = np.median(dx[: len(dx) // 2]), np.median(dx[len(dx) // 2:])
-    assert abs(first - second) < 0.15 * abs(median), (first, second)
+    assert abs(first - second) < 0.15 * abs(expected), (first, second)
     assert abs(np.median(scale) - 1) < 0.002  # no zoom
 
 
 def test_zoom_is_a_steady_scale_change(camera_videos):
-    dx, scale = consecutive(camera_videos["zoom"], BASE["fps"])
+    frames = camera_videos["zoom"]
+    dx, scale = consecutive(frames, BASE["fps"])
+    expected = expected_moves(frames)[1]  # 0.7 ** (-1/44) = 1.0081 per output frame: zooming in
     median = np.median(scale)
-    assert median > 1.002, scale  # zooming in: ~0.7 ** (-1/44) = 1.008 per output frame
+    # The content's own change between frames pulls the tile shifts a little towards zero.
+    assert 0.6 * (expected - 1) < median - 1 < 1.2 * (expected - 1), (expected, scale)
     assert np.percentile(scale, 25) > 1.0, scale
     first, second = np.median(scale[: len(scale) // 2]), np.median(scale[len(scale) // 2:])
-    assert abs(first - second) < 0.5 * (median - 1), (first, second)
+    assert abs(first - second) < 0.3 * (expected - 1), (first, second)
     assert abs(np.median(dx)) < 0.2  # no pan
 
 
@@ -224,9 +237,32 @@ def test_temporal_consistency_mechanisms():
     assert torch.allclose(w0[5:] + w1[:6], torch.ones(6))  # the ramps still sum to one across the overlap
 
 
-def test_seam_ratio_at_high_consistency(pipeline, probe_mp4, tmp_path):
+def test_seam_blend_shrinks_the_step_between_disagreeing_windows(pipeline):
+    """Windows whose predictions disagree (window k predicts the constant k): the blended sequence's
+    step across each window boundary (the pairs `seam_ratio` reads) falls as consistency rises."""
+    steps = {}
+    for consistency in (0.7, 0.85, 1.0):
+        plan = pipeline.plan(request(duration=10, fps=16, temporal_consistency=consistency))
+        weights = window_weights(plan.windows, plan.overlap_latent_frames, consistency)
+        total, blended = torch.zeros(plan.latent_frames), torch.zeros(plan.latent_frames)
+        for k, (win, w) in enumerate(zip(plan.windows, weights)):
+            total[win.start:win.end] += w
+            blended[win.start:win.end] += k * w
+        jumps = (blended / total).diff().abs()  # jumps[l - 1]: latent l-1 -> l
+        edges = {win.start for win in plan.windows[1:]} | {win.end for win in plan.windows[:-1]}
+        steps[consistency] = max(jumps[l - 1].item() for l in edges)
+    assert steps[0.7] > steps[0.85] > steps[1.0], steps  # 1/3, 1/5, 0.05: longer, then cosine ramps
+
+
+def test_seam_ratio_on_output_frames(pipeline, probe_mp4, tmp_path):
+    """Seam ratio of the MP4 frames: no seam stands out at any consistency, <= 1.2 at >= 0.9.
+
+    The tiny transformer's prediction for a frame barely depends on the window around it (windows
+    disagree by ~0.1% of the prediction on their overlap), so the seam blend has little to hide here:
+    the ratio sits near 0.9-1.0 at every consistency (seed 7: 0.90, 0.96, 0.96, 0.95).
+    """
     ratios, overlaps = {}, {}
-    for consistency in (0.7, 0.9, 1.0):
+    for consistency in (0.7, 0.85, 0.9, 1.0):
         req = request(duration=10, fps=16, temporal_consistency=consistency)
         plan = pipeline.plan(req)
         assert len(plan.windows) >= 3
@@ -234,5 +270,5 @@ def test_seam_ratio_at_high_consistency(pipeline, probe_mp4, tmp_path):
         frames = probe_mp4(result.path)["frames"]
         assert len(frames) == plan.output_num_frames
         ratios[consistency], overlaps[consistency] = seam_ratio(frames, plan), plan.overlap_latent_frames
-    assert overlaps[0.7] < overlaps[0.9] < overlaps[1.0]
-    assert ratios[0.9] <= 1.2 and ratios[1.0] <= 1.2, ratios
+    assert overlaps[0.7] < overlaps[0.85] <= overlaps[0.9] < overlaps[1.0]
+    assert all(r <= 1.2 for r in ratios.values()), ratios
