@@ -7,7 +7,8 @@ pydantic models), auth as a dependency, and the work done by the `Ingress` servi
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import contextlib
+from typing import Any, Awaitable, Callable, Iterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -54,6 +55,30 @@ class AnalyzeRequest(BaseModel):
 MP4_RESPONSE = {200: {"content": {"video/mp4": {}}, "description": "The MP4 file."}}
 
 
+@contextlib.contextmanager
+def counted(ingress: Any, endpoint: str) -> Iterator[None]:
+    """Count the request in the `requests` metric by its outcome: ok, the error's status, or error."""
+    status = "error"
+    try:
+        yield
+        status = "ok"
+    except VidgenError as exc:
+        status = str(exc.status_code)
+        raise
+    finally:
+        ingress.metrics.requests.inc(tags={"endpoint": endpoint, "status": status})
+
+
+async def within_deadline(ingress: Any, request: Request, what: str, work: Callable[[], Awaitable[Any]]) -> Any:
+    """`work()` under the request's deadline (`X-Vidgen-Timeout` or the default): past it, cancelled and 504."""
+    deadline_s = ingress.deadline(request)
+    try:
+        return await asyncio.wait_for(work(), timeout=deadline_s)
+    except asyncio.TimeoutError:
+        raise VidgenError(504, f"{what} exceeded the {deadline_s:g}s deadline and was cancelled",
+                          code="deadline_exceeded") from None
+
+
 # ---- sync generation --------------------------------------------------------------------
 
 
@@ -64,24 +89,12 @@ async def generate(request: Request, body: VideoRequest, key: str = Depends(api_
     Its capacity slot (`max_inflight_sync`) was taken before the body was read (`http.SyncSlots`).
     """
     ingress = ingress_of(request)
-    status = "error"
-    try:
+    with counted(ingress, "generate"):
         plan = ingress.plan(body)
-        deadline_s = ingress.deadline(request)
         with tracer().start_as_current_span("POST /v1/video/generate") as span:
             span.set_attribute("request_id", request_id(request))
             span.set_attribute("key_id", key)
-            try:
-                result = await asyncio.wait_for(ingress.orchestrator.generate(plan), timeout=deadline_s)
-            except asyncio.TimeoutError:
-                raise VidgenError(504, f"generation exceeded the {deadline_s:g}s deadline and was cancelled",
-                                  code="deadline_exceeded") from None
-        status = "ok"
-    except VidgenError as exc:
-        status = str(exc.status_code)
-        raise
-    finally:
-        ingress.metrics.requests.inc(tags={"endpoint": "generate", "status": status})
+            result = await within_deadline(ingress, request, "generation", lambda: ingress.orchestrator.generate(plan))
     headers = {
         "Server-Timing": server_timing(result.timings, {"text_cache": result.text_cache}),
         "X-Vidgen-Denoiser": result.denoiser,
@@ -172,21 +185,9 @@ async def prompt_attention(request: Request, body: AttentionRequest, key: str = 
     from .attention import attention_response, run_attention
 
     ingress = ingress_of(request)
-    status = "error"
-    try:
-        deadline_s = ingress.deadline(request)
-        try:
-            result = await asyncio.wait_for(run_attention(ingress.orchestrator, ingress.config, body),
-                                            timeout=deadline_s)
-        except asyncio.TimeoutError:
-            raise VidgenError(504, f"attention maps exceeded the {deadline_s:g}s deadline",
-                              code="deadline_exceeded") from None
-        status = "ok"
-    except VidgenError as exc:
-        status = str(exc.status_code)
-        raise
-    finally:
-        ingress.metrics.requests.inc(tags={"endpoint": "attention", "status": status})
+    with counted(ingress, "attention"):
+        result = await within_deadline(ingress, request, "attention maps",
+                                       lambda: run_attention(ingress.orchestrator, ingress.config, body))
     return attention_response(result, request.headers.get("accept"))
 
 
