@@ -138,31 +138,47 @@ class GenerationOrchestrator:
             handle = handle.options(multiplexed_model_id=plan.style)
         gen = handle.options(stream=True).denoise.remote(plan, embeddings, carrier, on_progress is not None)
         t0 = time.perf_counter()
-        latents, timings, outcome = None, {}, "error"
+        outcome = "error"
+        try:
+            final = await self._read_stream("denoise", gen, on_progress)
+            outcome = "ok"
+        except (asyncio.CancelledError, GenerationCancelled):
+            outcome = "cancelled"  # not the denoiser's fault: not reported to the router
+            raise
+        except VidgenError as exc:
+            if exc.code == "style_unavailable":
+                outcome = "style_unavailable"  # the adapter file, not the denoiser: no failover breach
+            raise
+        finally:
+            if outcome not in ("cancelled", "style_unavailable"):
+                await self._report(target, time.perf_counter() - t0, plan, outcome == "ok")
+        return final["latents"], final["timings"], target
+
+    async def _read_stream(self, stage: str, gen: Any, on_progress: ProgressCallback | None) -> dict[str, Any]:
+        """Read a stage's stream: pass its {"progress": ...} items to `on_progress`, return its final item.
+
+        A failure becomes the stage's `VidgenError` (`map_stage_error`); a stream left unfinished
+        (failure, cancellation, no final item) is cancelled, which stops the replica's work at its
+        next boundary (a denoise step, ffmpeg) instead of finishing what nobody will receive.
+        """
+        final = None
         try:
             async for item in gen:
                 if "progress" in item:
                     if on_progress is not None:
                         await on_progress(item["progress"])
                 else:
-                    latents, timings = item["latents"], item["timings"]
-            outcome = "ok" if latents is not None else "error"
+                    final = item
         except (asyncio.CancelledError, GenerationCancelled):
-            outcome = "cancelled"  # not the denoiser's fault: not reported to the router
             raise
         except Exception as exc:  # noqa: BLE001
-            error = map_stage_error("denoise", exc, self.retry_after_s)
-            if error.code == "style_unavailable":
-                outcome = "style_unavailable"  # the adapter file, not the denoiser: no failover breach
-            raise error from exc
+            raise map_stage_error(stage, exc, self.retry_after_s) from exc
         finally:
-            if outcome != "ok":
-                gen.cancel()  # stops the replica's loop at its next step boundary
-            if outcome not in ("cancelled", "style_unavailable"):
-                await self._report(target, time.perf_counter() - t0, plan, outcome == "ok")
-        if latents is None:
-            raise VidgenError(500, "the denoise stage returned no latents", code="stage_error")
-        return latents, timings, target
+            if final is None:
+                gen.cancel()
+        if final is None:
+            raise VidgenError(500, f"the {stage} stage returned no result", code="stage_error")
+        return final
 
     async def generate(self, plan: GenerationPlan, *, artifact_key: str | None = None,
                        on_stage: StageCallback | None = None,
@@ -206,21 +222,8 @@ class GenerationOrchestrator:
             gen = decoder.decode.remote(plan, latents, carrier, on_progress is not None)
         else:
             gen = decoder.decode_to_store.remote(plan, latents, artifact_key, carrier, on_progress is not None)
-        mp4, timings, quality, done = None, {}, {}, False
-        try:
-            async for item in gen:
-                if "progress" in item:
-                    if on_progress is not None:
-                        await on_progress(item["progress"])
-                else:
-                    mp4, timings, quality, done = item.get("mp4"), item["timings"], item.get("quality") or {}, True
-        except (asyncio.CancelledError, GenerationCancelled):
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise map_stage_error("decode", exc, self.retry_after_s) from exc
-        finally:
-            if not done:
-                gen.cancel()  # stops ffmpeg instead of finishing a video nobody will receive
-        if not done or (artifact_key is None and mp4 is None):
+        final = await self._read_stream("decode", gen, on_progress)
+        mp4, timings, quality = final.get("mp4"), final["timings"], final.get("quality") or {}
+        if artifact_key is None and mp4 is None:
             raise VidgenError(500, "the decode stage returned no video", code="stage_error")
         return mp4, timings, quality
