@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ..config import AppConfig
 from ..errors import VidgenError
@@ -224,16 +224,11 @@ class DecoderDeployment(_QueueDepthStats):
         self, plan: GenerationPlan, latents: Any, carrier: dict | None = None, progress: bool = True
     ) -> AsyncIterator[dict[str, Any]]:
         """Progress events, then the MP4 bytes, {"vae_decode": s, ...} and the quality metrics (the sync endpoint)."""
-        with tempfile.TemporaryDirectory(prefix="vidgen-decode-") as tmp:
-            path = os.path.join(tmp, "video.mp4")
-            result: dict[str, Any] = {}
-            async for item in self._decode_file(plan, latents, path, carrier, progress):
-                if "progress" in item:
-                    yield item
-                else:
-                    result = item
-            data = await asyncio.to_thread(_read_file, path)
-        yield {"mp4": data, **result}
+        async def with_bytes(path: str, result: dict[str, Any]) -> dict[str, Any]:
+            return {"mp4": await asyncio.to_thread(_read_file, path), **result}
+
+        async for item in self._decode_then(plan, latents, carrier, progress, with_bytes):
+            yield item
 
     async def decode_to_store(
         self, plan: GenerationPlan, latents: Any, key: str, carrier: dict | None = None, progress: bool = True
@@ -243,6 +238,21 @@ class DecoderDeployment(_QueueDepthStats):
         that fails raises (503) with the store's reason."""
         if self.artifacts is None:
             raise VidgenError(500, "the decoder has no artifact store", code="stage_error")
+
+        async def stored(path: str, result: dict[str, Any]) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            await self.artifacts.put_file(key, path)
+            result["timings"]["store"] = time.perf_counter() - t0
+            return result
+
+        async for item in self._decode_then(plan, latents, carrier, progress, stored):
+            yield item
+
+    async def _decode_then(self, plan: GenerationPlan, latents: Any, carrier: dict | None, progress: bool,
+                           finish: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+                           ) -> AsyncIterator[dict[str, Any]]:
+        """Decode into a temporary MP4, yielding progress; then yield `finish(path, result)` (the file
+        still exists while it runs; it is removed afterwards)."""
         with tempfile.TemporaryDirectory(prefix="vidgen-decode-") as tmp:
             path = os.path.join(tmp, "video.mp4")
             result: dict[str, Any] = {"timings": {}}
@@ -251,10 +261,8 @@ class DecoderDeployment(_QueueDepthStats):
                     yield item
                 else:
                     result = item
-            t0 = time.perf_counter()
-            await self.artifacts.put_file(key, path)
-            result["timings"]["store"] = time.perf_counter() - t0
-        yield result
+            final = await finish(path, result)
+        yield final
 
     async def _decode_file(self, plan: GenerationPlan, latents: Any, path: str, carrier: dict | None,
                            progress: bool) -> AsyncIterator[dict[str, Any]]:
