@@ -39,6 +39,7 @@ PROMPT = "一只橘猫在樱花树下追逐蝴蝶"
 TP2 = {"tensor_parallel_size": 2}
 LATENT_ATOL = 1e-4
 MAX_PIXEL_MISMATCH = 1e-3  # fraction of uint8 values allowed to differ after decoding
+MIN_MP4_PSNR_DB = 30.0  # between one rank's and a parallel layout's MP4 (x264 amplifies rounding)
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -340,6 +341,10 @@ def test_cli_parallel_layout_matches_one_rank(tmp_path, pipeline, tiny_config, l
     assert out.is_file() and out.stat().st_size > 0
     if tp1.read_bytes() == out.read_bytes():
         return  # byte-identical MP4
-    a, b = _decode_mp4(tp1), _decode_mp4(out)
-    mismatch = _compare_frames(a, b)
-    assert mismatch < MAX_PIXEL_MISMATCH, f"{mismatch:.4%} of decoded pixels differ between one rank and {layout}"
+    # Not byte-identical: the ranks' float rounding (latents within 1e-4) moves some decoded values by
+    # one, and x264 then makes other decisions. The same video, up to that: a high PSNR (two seeds
+    # of the tiny model are ~10 dB apart).
+    a, b = _decode_mp4(tp1).astype(np.float64), _decode_mp4(out).astype(np.float64)
+    assert a.shape == b.shape
+    psnr = 10 * np.log10(255.0**2 / max(((a - b) ** 2).mean(), 1e-12))
+    assert psnr >= MIN_MP4_PSNR_DB, f"one rank and {layout} give MP4s {psnr:.1f} dB apart (< {MIN_MP4_PSNR_DB})"

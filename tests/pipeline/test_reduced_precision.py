@@ -47,8 +47,8 @@ def test_bf16_stages_compute_in_bf16_and_match_fp32(bf16_pipeline, pipeline, tin
     frames32 = pipeline.decoder.decode_latents(plan, lat32).astype(int)
     assert bf16_pipeline.decoder.vae.dtype == torch.bfloat16
     assert frames16.shape == frames32.shape
-    assert np.abs(frames16 - frames32).mean() < 1.0
     assert frames32.std() > 5  # content to compare
+    assert np.abs(frames16 - frames32).mean() < 0.1 * frames32.std()  # bf16 rounding, not another picture
 
 
 def test_this_cpu_runs_every_dtype():
