@@ -309,14 +309,17 @@ def test_repeated_prompt_hits_text_cache(env):
 
 
 def test_creative_controls_through_http(env):
-    """motion_intensity, color_palette, camera_motion and temporal_consistency are applied, not just accepted."""
+    """Every control through HTTP in one request: a structured prompt with a negative phrase and a time
+    directive, request keyframes, motion_intensity, color_palette, camera_motion and temporal_consistency
+    (each one's measured effect: tests/media/test_controls.py, tests/pipeline/test_keyframes.py)."""
     import numpy as np
 
     body = {**SMALL, "seed": 77}
     plain = env.client.post("/v1/video/generate", json=body, headers=AUTH)
     graded = env.client.post("/v1/video/generate", headers=AUTH, json={
-        **body, "motion_intensity": 0.5, "color_palette": "warm", "camera_motion": "zoom",
-        "temporal_consistency": 0.95})
+        **body, "prompt": "subject: a red fox; action: running; scene: snow; no humans; at 0.5s: it jumps",
+        "keyframes": [{"time_s": 0.75, "prompt": "a red fox sitting in snow"}],
+        "motion_intensity": 0.5, "color_palette": "warm", "camera_motion": "zoom", "temporal_consistency": 0.95})
     assert plain.status_code == graded.status_code == 200, (summary(plain), summary(graded))
     assert "x-vidgen-warnings" not in graded.headers
     fp, fg = decode_frames(plain.content).astype(float), decode_frames(graded.content).astype(float)
