@@ -9,7 +9,7 @@ Loads `VideoPipeline` once (tiny profile by default), warms every stage up, then
 2. On the native frames of the 5 s case, times the MP4 encode with each post-processing control on
    (colour grade `color_palette=warm`, camera move `camera_motion=pan`, deflicker
    `temporal_consistency=1.0`) against the encode without it, and the quality metrics
-   (`vidgen_serve.media.quality.quality_metrics` on the output frames, "n/a" where that module is
+   (`vidgen_serve.media.quality.quality_metrics` on the native frames, as the Decoder runs it, "n/a" where that module is
    not installed), each relative to the VAE decode stage of the same case.
 
 Every measurement is the median of `--reps` runs, taken round-robin over the cases (the machine's
@@ -84,9 +84,6 @@ def per_second_cost(pipeline, config, durations: list[float], resolution: str, r
 
 def control_costs(pipeline, config, duration: float, resolution: str, reps: int, workdir: str) -> dict:
     """Seconds (wall, CPU) of the VAE decode, the plain encode, each control's extra encode time, the metrics."""
-    import av
-    import numpy as np
-
     from vidgen_serve.plan import build_plan
     from vidgen_serve.request import VideoRequest
 
@@ -113,11 +110,8 @@ def control_costs(pipeline, config, duration: float, resolution: str, reps: int,
         from vidgen_serve.media.quality import quality_metrics
     except ImportError:
         result["quality metrics"] = None
-    else:
-        pipeline.decoder.write_mp4(plain, frames, output)
-        with av.open(output) as container:
-            out_frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
-        samples = [_timed_cpu(quality_metrics, out_frames)[:2] for _ in range(reps)]
+    else:  # on the native frames, as the Decoder computes them (before frame-rate conversion and upscale)
+        samples = [_timed_cpu(quality_metrics, frames)[:2] for _ in range(reps)]
         result["quality metrics"] = _median(samples)
     return result
 
