@@ -10,6 +10,10 @@ the GPU in bf16 (`weights: random`, nothing downloaded):
   vae_decode        81 frames at 480p: float32, bf16, bf16 tiled (time, peak memory, difference)
   post_processing   minterpolate mci single vs chunked, blend, the 1080p 8 s post-processing
   tiny_end_to_end   the tiny profile through VideoPipeline on the device
+  profile_end_to_end  the first real profile (random weights, bf16) through VideoPipeline: text
+                    encode, sliding-window denoise, VAE decode, post-processing and MP4, with every
+                    creative control on; a short and a 3x longer video at few steps, and the ratio
+                    of their cost per second of output (the sliding windows should scale linearly)
   speed_options     for every speed option: its speed-up over the plain path and its difference
                     from it (compile, attention backends, step caches, int8 / fp8 weights);
                     multi-GPU layouts are reported as skipped with the reason
@@ -27,6 +31,7 @@ commit the JSON as ``benchmarks/results/<gpu>-<date>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -42,18 +47,20 @@ for _path in (_REPO, _HERE):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-PARTS = ["device", "transformer", "speed_options", "text_encoder", "vae_decode", "post_processing",
-         "tiny_end_to_end"]
+# In order of what a short GPU lease must not miss: the stages end to end first, timings after.
+PARTS = ["device", "tiny_end_to_end", "profile_end_to_end", "transformer", "vae_decode", "text_encoder",
+         "speed_options", "post_processing"]
 # Dense bf16 TFLOP/s from the datasheets (MFU denominators); matched against the device name.
 DATASHEET_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
                          ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0)]
 GIB = 2**30
+SPEED_OPTIONS = ["compile", "attention_backend", "step_cache", "int8_weight_only", "float8_dynamic"]
 
 
 class Check:
     """Sizes and helpers of one run: GPU mode (real architectures) or CPU smoke (toy sizes)."""
 
-    def __init__(self, smoke: bool):
+    def __init__(self, smoke: bool, full: bool = False):
         import torch
 
         self.torch = torch
@@ -71,7 +78,11 @@ class Check:
                            "wan2.1-14b": ("wan2.1-14b-tp8", {"tensor_parallel_size": 1})}
             self.sizes = {"480p": (832, 480), "720p": (1280, 720)}
             self.steps = {"timed": 2, "cache": 10}
+        # Resolutions per model in the transformer part; by default the 14B only at 480p (its 720p
+        # step alone is ~25 s on an H100, GPU.md), `--full` measures every pair.
+        self.model_sizes = {} if (smoke or full) else {"wan2.1-14b": ["480p"]}
         self.peak_tflops: float | None = None
+        self.options = set(SPEED_OPTIONS)
 
     # -- device helpers --------------------------------------------------------------------
     def sync(self) -> None:
@@ -165,8 +176,16 @@ def _finite(node):
     return node
 
 
+def _tensor_bytes(tensor) -> int:
+    """Bytes a tensor holds; a quantised tensor subclass (torchao) counts its inner tensors, not its dtype."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def _model_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return sum(_tensor_bytes(t) for t in [*model.parameters(), *model.buffers()])
 
 
 def part_device(check: Check) -> dict:
@@ -213,7 +232,7 @@ def part_transformer(check: Check, keep: dict) -> dict:
     results: dict = {}
     for model in check.models:
         results[model] = {}
-        for resolution in check.sizes:
+        for resolution in check.model_sizes.get(model, check.sizes):
             config = check.config(model, resolution)
             check.reset_peak()
             denoiser, build_s = check.timed(Denoiser, config)
@@ -274,7 +293,8 @@ def part_speed_options(check: Check, keep: dict) -> dict:
     from torch._dynamo.utils import counters
 
     backend = "aot_eager" if check.smoke else "inductor"
-    results["compile"], denoiser = option(True, compile=True, compile_backend=backend)
+    results["compile"], denoiser = (option(True, compile=True, compile_backend=backend) if "compile" in check.options
+                                    else ({"skipped": "not in --options"}, None))
     if denoiser is not None:
         graphs = counters["stats"]["unique_graphs"]
         for request in ({"duration": 1}, {"duration": 1, "aspect": "1:1"}, {"duration": 1, "guidance_scale": 1.0}):
@@ -283,20 +303,20 @@ def part_speed_options(check: Check, keep: dict) -> dict:
                                   compiles_during_requests=counters["stats"]["unique_graphs"] - graphs)
         del denoiser
 
-    backends = ["_native_math"] if check.smoke else ["_native_cudnn", "_native_flash", "_native_efficient"]
+    backends = [] if "attention_backend" not in check.options else ["_native_math"] if check.smoke else ["_native_cudnn", "_native_flash", "_native_efficient"]
     results["attention_backend"] = {name: option(True, attention_backend=name)[0] for name in backends}
 
     # Step caching over a whole run (the plain run at the same step count is the reference).
     cache_plan = check.plan(config, steps=check.steps["cache"])
     reference, reference_s = check.timed(plain.denoise, cache_plan, emb)
     results["step_cache"] = {}
-    for mode in ("off", "first_block", "taylorseer"):
+    for mode in ("off", "first_block", "taylorseer") if "step_cache" in check.options else ():
         latents, seconds = check.timed(plain.denoise, cache_plan.model_copy(update={"step_cache": mode}), emb)
         results["step_cache"][mode] = {"exact": mode == "off", "steps": cache_plan.num_inference_steps,
                                        "seconds": seconds, "speedup": reference_s / seconds,
                                        **_diff(latents, reference)}
 
-    for quant in ("int8_weight_only", "float8_dynamic"):
+    for quant in [q for q in ("int8_weight_only", "float8_dynamic") if q in check.options]:
         results[quant], denoiser = option(False, quantization=quant)
         del denoiser
 
@@ -407,6 +427,51 @@ def part_tiny_end_to_end(check: Check, keep: dict) -> dict:
             "output_frames": plan.output_num_frames}
 
 
+def part_profile_end_to_end(check: Check, keep: dict) -> dict:
+    """The first model's profile through VideoPipeline with every control on; long ÷ short cost per second."""
+    import subprocess
+    import tempfile
+
+    import numpy as np
+
+    from vidgen_serve.media.mp4 import ffmpeg_exe
+    from vidgen_serve.pipeline import VideoPipeline
+
+    model = next(iter(check.models))
+    config = check.config(model, "480p")
+    check.reset_peak()
+    pipeline, build_s = check.timed(VideoPipeline, config)
+    controls = {"motion_intensity": 1.0, "color_palette": "warm", "camera_motion": "pan",
+                "temporal_consistency": 0.9, "negative_prompt": "blurry"}
+    short, long_ = (1, 3) if check.smoke else (5, 15)
+    results: dict = {"model": model, "build_s": build_s, "steps": 2, "controls": controls}
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(duration: float, name: str) -> dict:
+            plan = check.plan(config, steps=2, duration=duration, prompt="主体:熊猫;动作:吃竹子;场景:竹林",
+                              **controls)
+            out = os.path.join(tmp, f"{name}.mp4")
+            result, seconds = check.timed(pipeline.generate, plan, out)
+            # The MP4 read back with the same ffmpeg binary (PyAV is a test extra, absent on GPU images).
+            raw = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", out, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                                 capture_output=True, check=True).stdout
+            w, h = plan.output_width, plan.output_height
+            pixels = np.frombuffer(raw, dtype=np.uint8).reshape(-1, h, w, 3).astype(np.float32)
+            return {"duration_s": duration, "seconds": seconds, "s_per_output_s": seconds / duration,
+                    "windows": len(plan.windows), "output_frames": len(pixels),
+                    "expected_frames": plan.output_num_frames, "size": f"{w}x{h}",
+                    "pixel_std": float(pixels.std()), "mp4_bytes": os.path.getsize(out),
+                    "timings": result.timings, "quality": result.quality}
+
+        run(1, "warm")  # first call: kernels, caches
+        results["short"] = run(short, "short")
+        results["long"] = run(long_, "long")
+    results["peak_mem_gib"] = check.peak_gib()
+    results["long_over_short_per_second"] = results["long"]["s_per_output_s"] / results["short"]["s_per_output_s"]
+    results["goal_long_over_short"] = 1.15
+    del pipeline
+    return results
+
+
 def goals(report: dict) -> dict:
     """The issue's targets, computed from the measured parts (None where a part is missing)."""
     def get(*keys):
@@ -441,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-smoke", action="store_true", help="every part at toy sizes on CPU")
     parser.add_argument("--parts", help=f"comma-separated subset of: {', '.join(PARTS)}")
     parser.add_argument("--out", help="also write the JSON document to this file")
+    parser.add_argument("--options", help=f"speed options to measure, a subset of: {', '.join(SPEED_OPTIONS)}")
+    parser.add_argument("--full", action="store_true", help="every model at every resolution (the 14B at 720p too)")
     args = parser.parse_args(argv)
     parts = PARTS if not args.parts else [p.strip() for p in args.parts.split(",")]
     unknown = sorted(set(parts) - set(PARTS))
@@ -453,7 +520,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("torchao").setLevel(logging.ERROR)
     started = time.perf_counter()
-    check = Check(smoke=args.cpu_smoke)
+    check = Check(smoke=args.cpu_smoke, full=args.full)
+    if args.options:
+        check.options = {o.strip() for o in args.options.split(",")}
     report: dict = {"schema_version": 1, "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "errors": {}}
     keep: dict = {}
@@ -463,17 +532,21 @@ def main(argv: list[str] | None = None) -> int:
         t0, c0 = time.perf_counter(), _cpu_seconds()
         try:
             fn = globals()[f"part_{part}"]
-            report[part] = fn(check) if part == "device" else fn(check, keep)
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON document alone
+                report[part] = fn(check) if part == "device" else fn(check, keep)
         except Exception as exc:  # one broken part must not hide the others' numbers
             report["errors"][part] = f"{type(exc).__name__}: {exc}"
             print(traceback.format_exc(), file=sys.stderr)
         print(f"gpu_check: {part} done in {time.perf_counter() - t0:.1f}s ({_cpu_seconds() - c0:.1f} CPU s)",
               file=sys.stderr)
         check.reset_peak()
+        if args.out:  # what is measured so far survives a run stopped at a lease's time limit
+            with open(args.out, "w") as f:
+                json.dump(_finite({**report, "partial": True}), f, indent=2, allow_nan=False, default=str)
     keep.clear()
     report["goals"] = goals(report)
     report["seconds"] = time.perf_counter() - started
-    report["imported"] = {name: name in sys.modules for name in ("ray", "deepspeed")}
+    report["imported"] = {name: sys.modules.get(name) is not None for name in ("ray", "deepspeed")}
     text = json.dumps(_finite(report), indent=2, allow_nan=False, default=str)
     print(text)
     if args.out:

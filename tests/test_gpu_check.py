@@ -34,8 +34,12 @@ def numbers(node, path=""):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check") / "smoke.json"
+    # As on a GPU image: no Ray, no DeepSpeed (accelerate imports DeepSpeed when it is installed).
+    site = tmp_path_factory.mktemp("gpu-image-site")
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules.update(ray=None, deepspeed=None)\n")
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
     proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out)], capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          text=True, timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads(proc.stdout) == json.loads(out.read_text())  # one JSON document on stdout, the same in --out
     return json.loads(out.read_text())
@@ -43,7 +47,7 @@ def report(tmp_path_factory):
 
 def test_runs_every_part_without_errors(report):
     assert report["mode"] == "cpu-smoke" and report["errors"] == {}
-    for part in ("device", "transformer", "speed_options", "text_encoder", "vae_decode", "post_processing",
+    for part in ("device", "profile_end_to_end", "transformer", "speed_options", "text_encoder", "vae_decode", "post_processing",
                  "tiny_end_to_end", "goals"):
         assert report[part], part
     assert report["imported"] == {"ray": False, "deepspeed": False}  # single-GPU parts need neither
@@ -78,6 +82,9 @@ def test_approximate_options_stay_close(report):
     for mode in ("first_block", "taylorseer"):
         assert not options["step_cache"][mode]["exact"] and options["step_cache"][mode]["rel_diff"] < 0.2
     assert options["int8_weight_only"]["rel_diff"] < 0.1
+    # int8 weights hold about half the bytes of bf16 ones (counted through torchao's inner tensors)
+    assert 0.3 < options["int8_weight_only"]["weights_gib"] / report["transformer"]["tiny"]["480p"]["weights_gib"] < 0.8
+    assert options["int8_weight_only"]["memory_saved_gib"] > 0
     assert "compute capability >= 8.9" in options["float8_dynamic"]["skipped"]  # CPU: no FP8
     for layout in ("cfg_parallel", "ulysses"):
         assert options[layout] == {"skipped": "needs >= 2 GPUs; 0 visible"}
@@ -95,3 +102,18 @@ def test_post_processing_and_end_to_end(report):
     e2e = report["tiny_end_to_end"]
     assert e2e["device"] == "cpu" and e2e["mp4_bytes"] > 1000
     assert set(report["goals"]["targets"]) >= {"end_to_end_50_steps_estimate_s", "mfu_480p"}
+
+
+def test_profile_end_to_end_with_every_control(report):
+    """The first profile through VideoPipeline: every output frame there, a picture with content, and the
+    long video's cost per second of output reported against the short one's."""
+    e2e = report["profile_end_to_end"]
+    assert e2e["model"] == "tiny" and set(e2e["controls"]) >= {"motion_intensity", "color_palette", "camera_motion"}
+    for case in ("short", "long"):
+        row = e2e[case]
+        assert row["output_frames"] == row["expected_frames"] > 0, case
+        assert row["pixel_std"] > 1.0, case  # not a flat frame
+        assert set(row["quality"]) == {"temporal_ssim", "temporal_psnr_db", "flicker"}, case
+    assert e2e["long"]["windows"] >= e2e["short"]["windows"]
+    ratio = e2e["long"]["s_per_output_s"] / e2e["short"]["s_per_output_s"]
+    assert abs(e2e["long_over_short_per_second"] - ratio) < 1e-9
