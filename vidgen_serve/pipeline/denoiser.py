@@ -140,9 +140,16 @@ class Denoiser:
         t = scheduler.timesteps[0]
         cond = torch.zeros(1, profile.max_sequence_length, cfg.text_dim, device=self.device, dtype=self.dtype)
         with torch.inference_mode():
-            for frames, uncond in ((window, cond), (max(1, window // 2), cond), (window, None)):
+            for name, frames, uncond in (("full window, CFG", window, cond),
+                                         ("shorter window (dynamic length)", max(1, window // 2), cond),
+                                         ("full window, no CFG", window, None)):
+                t1 = time.perf_counter()
                 latents = torch.zeros(1, self.in_channels, frames, height // 8, width // 8, device=self.device)
                 self._predict(latents, t, cond, uncond, 5.0)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                logger.info("denoiser warm-up: %s (%d latent frames) compiled and ran in %.1fs", name, frames,
+                            time.perf_counter() - t1)
         seconds = time.perf_counter() - t0
         logger.info("denoiser warm-up (compile) took %.1fs", seconds)
         return seconds
