@@ -61,7 +61,10 @@ def test_transformer_numbers(report):
     for model, sizes in report["transformer"].items():
         for resolution, row in sizes.items():
             assert row["tokens"] > 0 and 0 < row["attention_share"] < 1, (model, resolution)
-            assert 0 < row["mfu"] < 1.5  # of a measured matmul rate on CPU: a sanity bound
+            # MFU is the step's FLOPs over its time over the peak (on CPU a measured matmul rate, which a
+            # loaded machine can push either way: no bound on the value itself)
+            expected = row["tflop_per_step"] / row["s_per_step"] / report["device"]["peak_tflops"]
+            assert row["mfu"] > 0 and abs(row["mfu"] - expected) <= 1e-9 * expected
     small, large = report["transformer"]["tiny"]["480p"], report["transformer"]["tiny"]["720p"]
     assert large["tflop_per_step"] > small["tflop_per_step"]
     assert report["device"]["peak_source"] == "measured bf16 matmul"
