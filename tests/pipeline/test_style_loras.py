@@ -88,6 +88,34 @@ def test_switching_styles(tiny_config, checkpoint, same_conditioning, reference)
     assert stats["loaded"] == [LORA_A, LORA_B]
 
 
+def test_lora_style_on_bfloat16_transformer(tiny_config, checkpoint, same_conditioning, reference):
+    """The real profiles run bf16: the adapter must act there as in float32, and leave no trace when off."""
+    bf16_config = AppConfig(profile="tiny", cache_dir=tiny_config.cache_dir, profile_overrides={"dtype": "bfloat16"})
+    denoiser = Denoiser(bf16_config, checkpoint)
+    assert denoiser.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    plain = _run(denoiser, bf16_config, PLAIN, same_conditioning)  # never adapted
+    styled = _run(denoiser, bf16_config, LORA_A, same_conditioning)
+    other = _run(denoiser, bf16_config, LORA_B, same_conditioning)
+    plain_after_switch = _run(denoiser, bf16_config, PLAIN, same_conditioning)
+    assert denoiser.unload_style(LORA_A) and denoiser.unload_style(LORA_B)
+    assert not getattr(denoiser.transformer, "peft_config", None)
+    plain_after_unload = _run(denoiser, bf16_config, PLAIN, same_conditioning)
+    styled_fp32 = _run(Denoiser(tiny_config, checkpoint), tiny_config, LORA_A, same_conditioning)
+    # bf16 noise: the plain style in bf16 against float32.
+    noise = (plain - reference).abs()
+    assert noise.max() > 0  # really a bf16 computation
+    # The adapter changes the bf16 output by far more than bf16 rounding does...
+    assert (styled - plain).abs().mean() > 10 * noise.mean()
+    assert (other - styled).abs().mean() > 10 * noise.mean()
+    # ...and the styled bf16 output is the styled float32 one up to that same rounding.
+    styled_diff = (styled - styled_fp32).abs()
+    assert styled_diff.max() <= 2 * noise.max(), (styled_diff.max().item(), noise.max().item())
+    assert styled_diff.mean() <= 2 * noise.mean(), (styled_diff.mean().item(), noise.mean().item())
+    # Switching back to a plain style, or unloading every adapter, gives the never-adapted bf16 output.
+    assert torch.equal(plain_after_switch, plain)
+    assert torch.equal(plain_after_unload, plain)
+
+
 def test_cache_hit_does_not_reload_and_eviction_is_lru(tiny_config, checkpoint):
     styles = dict(tiny_config.styles)
     # A third adapter: the ink-wash file under another style name.
