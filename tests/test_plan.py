@@ -110,6 +110,28 @@ def test_higher_temporal_consistency_means_more_overlap():
         assert 1 <= overlap_for(tc, window) < window
 
 
+def test_probe_plan_of_few_frames_at_low_resolution():
+    """`max_side_px` / `latent_frames` (the attention maps' short run): one window, scaled down, the
+    prompts and sampler settings as a normal plan has them."""
+    config = AppConfig(profile="wan2.1-1.3b")
+    request = VideoRequest(prompt="a cat, at 0.5s: a dog", seed=1, duration=1, num_inference_steps=3)
+    full = build_plan(request, config)
+    probe = build_plan(request, config, max_side_px=512, latent_frames=2)
+    assert (full.native_width, full.native_height) == (832, 480)
+    assert (probe.native_width, probe.native_height) == (512, 288)
+    assert (probe.latent_width, probe.latent_height) == (64, 36)
+    assert (probe.latent_frames, probe.num_frames, probe.overlap_latent_frames) == (2, 5, 0)
+    assert [(w.start, w.end, w.prompt_weights) for w in probe.windows] == [(0, 2, [(0, 1.0)])]
+    assert probe.prompts == full.prompts and len(probe.prompts) == 2
+    assert (probe.seed, probe.num_inference_steps, probe.output_width) == (1, 3, full.output_width)
+    # Never above the native size; at most one model window.
+    assert build_plan(request, config, max_side_px=4096).native_width == 832
+    window = (config.model_profile.max_window_frames - 1) // 4 + 1
+    assert build_plan(request, config, latent_frames=window).windows[0].end == window
+    with pytest.raises(ValueError, match="latent_frames"):
+        build_plan(request, config, latent_frames=window + 1)
+
+
 def test_sliding_windows_direct():
     assert [(w.start, w.end) for w in sliding_windows(5, 11, 3)] == [(0, 5)]
     assert [(w.start, w.end) for w in sliding_windows(11, 11, 3)] == [(0, 11)]

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .config import AppConfig
 from .errors import InvalidRequest, VidgenError, field_error
-from .plan import PATCH_SPATIAL, VAE_SPATIAL, VAE_TEMPORAL, GenerationPlan, Window, build_plan
+from .plan import VAE_TEMPORAL, GenerationPlan, build_plan, scale_to_long_side
 from .request import parse_request
 
 MAX_ATTENTION_PROMPT_CHARS = 500  # the grid has one column per token: keep it readable
@@ -59,9 +59,7 @@ def check_attention_supported(config: AppConfig) -> None:
 
 def low_resolution(width: int, height: int, max_side: int = ATTENTION_MAX_SIDE_PX) -> tuple[int, int]:
     """(width, height) scaled down so the long side is at most `max_side`, multiples of 16, aspect kept."""
-    scale = min(1.0, max_side / max(width, height))
-    step = VAE_SPATIAL * PATCH_SPATIAL
-    return (max(step, round(width * scale / step) * step), max(step, round(height * scale / step) * step))
+    return scale_to_long_side(width, height, max_side)
 
 
 def attention_plan(body: AttentionRequest, config: AppConfig) -> GenerationPlan:
@@ -81,20 +79,14 @@ def attention_plan(body: AttentionRequest, config: AppConfig) -> GenerationPlan:
                                   f"1..{min(window, MAX_ATTENTION_FRAMES)}"))
     if errors:
         raise InvalidRequest(errors)
-    fields: dict[str, Any] = {"prompt": body.prompt, "num_inference_steps": body.steps, "duration": 1}
+    fields: dict[str, Any] = {"prompt": body.prompt, "num_inference_steps": body.steps, "duration": 1,
+                              "step_cache": "off"}
     if body.style is not None:
         fields["style"] = body.style
     if body.seed is not None:
         fields["seed"] = body.seed
-    plan = build_plan(parse_request(fields, profile), config)
-    width, height = low_resolution(plan.native_width, plan.native_height)
-    frames = body.frames
-    return plan.model_copy(update={
-        "native_width": width, "native_height": height,
-        "num_frames": VAE_TEMPORAL * (frames - 1) + 1, "latent_frames": frames,
-        "latent_height": height // VAE_SPATIAL, "latent_width": width // VAE_SPATIAL,
-        "windows": [Window(start=0, end=frames)], "overlap_latent_frames": 0, "step_cache": "off",
-    })
+    return build_plan(parse_request(fields, profile), config, max_side_px=ATTENTION_MAX_SIDE_PX,
+                      latent_frames=body.frames)
 
 
 # ---- structured prompts: fields -> tokens ---------------------------------------------------

@@ -163,6 +163,13 @@ def sliding_windows(latent_frames: int, window: int, overlap: int) -> list[Windo
     return [Window(start=s, end=s + window) for s in starts]
 
 
+def scale_to_long_side(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled down so the long side is at most `max_side`, multiples of 16, aspect kept."""
+    scale = min(1.0, max_side / max(width, height))
+    step = VAE_SPATIAL * PATCH_SPATIAL
+    return (max(step, round(width * scale / step) * step), max(step, round(height * scale / step) * step))
+
+
 def _with_prompts(window: Window, native_fps: int, times: list[tuple[float, int]]) -> Window:
     """`window` with the prompts in force over its frames (keyframe schedule `times`)."""
     weights = window_prompt_weights(window.start, window.end, native_fps, times, VAE_TEMPORAL)
@@ -201,7 +208,14 @@ def _check_profile_bounds(request: VideoRequest, config: AppConfig, profile: Mod
         raise InvalidRequest(errors)
 
 
-def build_plan(request: VideoRequest, config: AppConfig, seed: int | None = None) -> GenerationPlan:
+def build_plan(
+    request: VideoRequest,
+    config: AppConfig,
+    seed: int | None = None,
+    *,
+    max_side_px: int | None = None,
+    latent_frames: int | None = None,
+) -> GenerationPlan:
     """Validate `request` against the profile and compute the plan.
 
     Args:
@@ -209,6 +223,11 @@ def build_plan(request: VideoRequest, config: AppConfig, seed: int | None = None
         config: the application config (profile, styles).
         seed: seed to use when the request has none (default: a fresh random one, recorded
             in the plan so the job can be reproduced).
+        max_side_px: render below the profile's native size, its long side at most this
+            (`scale_to_long_side`); for short probes such as attention maps.
+        latent_frames: render exactly this many latent frames, in one window on the first
+            prompt, instead of covering the request's duration (at most one model window);
+            for short probes such as attention maps. The output fields still follow the request.
 
     Returns:
         The plan every stage reads.
@@ -221,12 +240,21 @@ def build_plan(request: VideoRequest, config: AppConfig, seed: int | None = None
     schedule = build_schedule(request, config.styles)  # structured fields, negatives, time directives
 
     native_w, native_h = profile.native_sizes[request.aspect]
-    num_frames = native_frame_count(request.duration, profile.native_fps)
-    latent_frames = (num_frames - 1) // VAE_TEMPORAL + 1
+    if max_side_px is not None:
+        native_w, native_h = scale_to_long_side(native_w, native_h, max_side_px)
     window_latent = (profile.max_window_frames - 1) // VAE_TEMPORAL + 1
-    overlap = overlap_for(request.temporal_consistency, window_latent)
-    windows = [_with_prompts(w, profile.native_fps, schedule.times())
-               for w in sliding_windows(latent_frames, window_latent, overlap)]
+    if latent_frames is None:
+        num_frames = native_frame_count(request.duration, profile.native_fps)
+        latent_frames = (num_frames - 1) // VAE_TEMPORAL + 1
+        overlap = overlap_for(request.temporal_consistency, window_latent)
+        windows = [_with_prompts(w, profile.native_fps, schedule.times())
+                   for w in sliding_windows(latent_frames, window_latent, overlap)]
+    else:
+        if not 1 <= latent_frames <= window_latent:
+            raise ValueError(f"latent_frames={latent_frames}: must be 1..{window_latent} (one model window)")
+        num_frames = VAE_TEMPORAL * (latent_frames - 1) + 1
+        overlap = 0
+        windows = [Window(start=0, end=latent_frames)]
     out_w, out_h = output_size(request.resolution, request.aspect)
     if request.seed is not None:
         seed = request.seed

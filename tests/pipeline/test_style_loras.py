@@ -88,6 +88,102 @@ def test_switching_styles(tiny_config, checkpoint, same_conditioning, reference)
     assert stats["loaded"] == [LORA_A, LORA_B]
 
 
+def test_lora_style_on_bfloat16_transformer(tiny_config, checkpoint, same_conditioning, reference):
+    """The real profiles run bf16: the adapter must act there as in float32, and leave no trace when off."""
+    bf16_config = AppConfig(profile="tiny", cache_dir=tiny_config.cache_dir, profile_overrides={"dtype": "bfloat16"})
+    denoiser = Denoiser(bf16_config, checkpoint)
+    assert denoiser.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    plain = _run(denoiser, bf16_config, PLAIN, same_conditioning)  # never adapted
+    styled = _run(denoiser, bf16_config, LORA_A, same_conditioning)
+    other = _run(denoiser, bf16_config, LORA_B, same_conditioning)
+    plain_after_switch = _run(denoiser, bf16_config, PLAIN, same_conditioning)
+    assert denoiser.unload_style(LORA_A) and denoiser.unload_style(LORA_B)
+    assert not getattr(denoiser.transformer, "peft_config", None)
+    plain_after_unload = _run(denoiser, bf16_config, PLAIN, same_conditioning)
+    styled_fp32 = _run(Denoiser(tiny_config, checkpoint), tiny_config, LORA_A, same_conditioning)
+    # bf16 noise: the plain style in bf16 against float32.
+    noise = (plain - reference).abs()
+    assert noise.max() > 0  # really a bf16 computation
+    # The adapter changes the bf16 output by far more than bf16 rounding does...
+    assert (styled - plain).abs().mean() > 10 * noise.mean()
+    assert (other - styled).abs().mean() > 10 * noise.mean()
+    # ...and the styled bf16 output is the styled float32 one up to that same rounding.
+    styled_diff = (styled - styled_fp32).abs()
+    assert styled_diff.max() <= 2 * noise.max(), (styled_diff.max().item(), noise.max().item())
+    assert styled_diff.mean() <= 2 * noise.mean(), (styled_diff.mean().item(), noise.mean().item())
+    # Switching back to a plain style, or unloading every adapter, gives the never-adapted bf16 output.
+    assert torch.equal(plain_after_switch, plain)
+    assert torch.equal(plain_after_unload, plain)
+
+
+def _spy_activations(transformer) -> list[tuple]:
+    """Record every call of the diffusers methods that (de)activate adapters on `transformer` (each walks
+    every module of the model); the real methods still run."""
+    calls: list[tuple] = []
+    for method in ("set_adapter", "set_adapters", "enable_lora", "disable_lora"):
+        real = getattr(transformer, method)
+
+        def spy(*args, _real=real, _method=method, **kwargs):
+            calls.append((_method, *args))
+            return _real(*args, **kwargs)
+
+        setattr(transformer, method, spy)  # an instance attribute: shadows the class's method
+    return calls
+
+
+def test_adapter_activated_only_when_it_must_change(tiny_config, checkpoint, encoder):
+    """A run activates its style once, not at every (step, window) unit; only a change of style switches."""
+
+    def long_plan(style: str):
+        request = VideoRequest(prompt="a red fox running through snow", style=style, duration=6,
+                               resolution="480p", aspect="1:1", num_inference_steps=2, seed=11)
+        return build_plan(request, tiny_config)
+
+    plans = {style: long_plan(style) for style in (LORA_A, LORA_B, PLAIN)}
+    windows = len(plans[LORA_A].windows)
+    assert windows >= 2
+    embeddings = encoder.encode(plans[PLAIN])
+    denoiser = Denoiser(tiny_config, checkpoint)
+    assert denoiser.load_style(LORA_A) and denoiser.load_style(LORA_B)  # loads happen before counting
+    calls = _spy_activations(denoiser.transformer)
+    set_a, set_b = ("set_adapter", "style_ink_wash"), ("set_adapter", "style_cinematic")
+
+    events: list[dict] = []
+    sequential_a = denoiser.denoise(plans[LORA_A], embeddings, progress=events.append)
+    assert len(events) == 2 * windows  # 2 steps x the windows: that many units...
+    assert calls == [set_a, ("enable_lora",)]  # ...and one activation
+    calls.clear()
+    sequential_b = denoiser.denoise(plans[LORA_B], embeddings)  # the next request, another style
+    assert calls == [set_b, ("enable_lora",)]
+    calls.clear()
+    denoiser.denoise(plans[LORA_B], embeddings)  # the same style again: nothing to change
+    assert calls == []
+    denoiser.denoise(plans[PLAIN], embeddings)
+    assert calls == [("disable_lora",)]
+    calls.clear()
+
+    # Two runs advanced unit by unit in turn (as a replica interleaves requests): every unit must switch,
+    # and each run still gets exactly its own output.
+    run_a, run_b = denoiser.start(plans[LORA_A], embeddings), denoiser.start(plans[LORA_B], embeddings)
+    calls.clear()
+    while not run_a.done:
+        run_a.advance()
+        run_b.advance()
+    assert calls == [set_a, ("enable_lora",), set_b, ("enable_lora",)] * (2 * windows)
+    assert torch.equal(run_a.latents(), sequential_a) and torch.equal(run_b.latents(), sequential_b)
+
+    # The run's adapter evicted between two of its units: the next unit reads it again and activates it.
+    run_a = denoiser.start(plans[LORA_A], embeddings)
+    run_a.advance()
+    assert denoiser.unload_style(LORA_A) is True
+    calls.clear()
+    while not run_a.done:
+        run_a.advance()
+    assert calls == [("disable_lora",), set_a, ("enable_lora",)]  # (the load's disable_lora, then the switch)
+    assert torch.equal(run_a.latents(), sequential_a)
+    assert denoiser.style_stats()["load_counts"][LORA_A] == 2
+
+
 def test_cache_hit_does_not_reload_and_eviction_is_lru(tiny_config, checkpoint):
     styles = dict(tiny_config.styles)
     # A third adapter: the ink-wash file under another style name.

@@ -11,15 +11,14 @@ Serve's controller exactly as in production. Only the port (a free one) and `sta
 from __future__ import annotations
 
 import copy
-import os
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
+from live_app import api_keys_env, wait_until_ready
 
 from vidgen_serve.net import find_free_port
-import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -130,39 +129,26 @@ def deployed(tmp_path_factory):
     config["applications"][0]["args"]["state_dir"] = str(tmp_path_factory.mktemp("serve-config-state"))
     schema = ServeDeploySchema.model_validate(config)
 
-    saved = os.environ.get("VIDGEN_API_KEYS")
-    os.environ["VIDGEN_API_KEYS"] = API_KEY  # replicas inherit it from the process that starts Ray
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="serve")
-    try:
-        # What `serve run serve_config.yaml` does with a config file.
-        client = _private_api.serve_start(
-            http_options=schema.http_options.model_dump(),
-            proxy_location=schema.proxy_location,
-            grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
-            controller_options=schema.controller_options,
-        )
-        client.deploy_apps(schema, _blocking=False)
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300, trust_env=False)
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if http.get("/readyz", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, serve.status()
-            time.sleep(0.5)
-        yield http, client
-        http.close()
-    finally:
+    with api_keys_env(API_KEY):  # replicas inherit it from the process that starts Ray
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="serve")
         try:
-            serve.shutdown()
+            # What `serve run serve_config.yaml` does with a config file.
+            client = _private_api.serve_start(
+                http_options=schema.http_options.model_dump(),
+                proxy_location=schema.proxy_location,
+                grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+                controller_options=schema.controller_options,
+            )
+            client.deploy_apps(schema, _blocking=False)
+            http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300, trust_env=False)
+            wait_until_ready(http, timeout_s=300, describe=serve.status)
+            yield http, client
+            http.close()
         finally:
-            ray.shutdown()
-            if saved is None:
-                os.environ.pop("VIDGEN_API_KEYS", None)
-            else:
-                os.environ["VIDGEN_API_KEYS"] = saved
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
 
 
 def test_serve_config_deploys_and_generates(deployed):

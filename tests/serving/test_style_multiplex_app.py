@@ -8,13 +8,12 @@ adapters loaded, and the eviction that went through the cached handle's teardown
 
 from __future__ import annotations
 
-import os
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from live_app import api_keys_env, wait_until_ready
 
 from vidgen_serve.config import DEFAULT_STYLES
 from vidgen_serve.net import find_free_port
@@ -35,34 +34,26 @@ def app():
 
     from vidgen_serve.serve import compose_app
 
-    saved = os.environ.get("VIDGEN_API_KEYS")
-    os.environ["VIDGEN_API_KEYS"] = API_KEY  # replicas inherit it (Ray is started from here)
     http_port = find_free_port()
     state_dir = Path(tempfile.mkdtemp(prefix="vidgen-styles-test-"))
     styles = {name: preset.model_dump() for name, preset in DEFAULT_STYLES.items()}
     styles["broken"] = {"lora": str(state_dir / "no-such-adapter" / "pytorch_lora_weights.safetensors")}
     args = {"state_dir": str(state_dir), "standby": False, "max_styles_per_replica": 1,
             "model": {"styles": styles}}
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        serve.run(compose_app(args), name=APP, route_prefix="/")
-        client = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=600, trust_env=False)
-        deadline = time.monotonic() + 240
-        while client.get("/readyz", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "/readyz never became 200"
-            time.sleep(0.5)
-        yield client, serve.get_deployment_handle("Denoiser", app_name=APP)
-        client.close()
-    finally:
+    with api_keys_env(API_KEY):  # replicas inherit it (Ray is started from here)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
-            serve.shutdown()
+            serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+            serve.run(compose_app(args), name=APP, route_prefix="/")
+            client = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=600, trust_env=False)
+            wait_until_ready(client, timeout_s=240)
+            yield client, serve.get_deployment_handle("Denoiser", app_name=APP)
+            client.close()
         finally:
-            ray.shutdown()
-            if saved is None:
-                os.environ.pop("VIDGEN_API_KEYS", None)
-            else:
-                os.environ["VIDGEN_API_KEYS"] = saved
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
 
 
 def _generate(client: httpx.Client, style: str) -> httpx.Response:

@@ -282,6 +282,15 @@ class StyleAdapters:
         logger.info("unloaded the LoRA adapter of style %r", style)
         return True
 
+    def is_active(self, style: str) -> bool:
+        """Whether the transformer already runs as `style` wants it, so `activate(style)` would change
+        nothing: its adapter active and the most recently used one, or (a plain style) no adapter active.
+        Cheap (no loading, no walk over the model's modules)."""
+        if not self.has_adapter(style):
+            return self.backend.active is None
+        name = self.loaded.get(style)
+        return name is not None and self.backend.active == name and next(reversed(self.loaded)) == style
+
     def activate(self, style: str) -> None:
         """Run the transformer as `style` wants it: its adapter (loaded if needed) or none at all."""
         if not self.has_adapter(style):
