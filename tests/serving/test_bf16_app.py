@@ -16,9 +16,11 @@ import pytest
 pytestmark = pytest.mark.slow
 
 API_KEY = "bf16-key"
-# Post-processing threads pinned: x264 output depends on its thread count, and a replica's CPU
-# share (Ray's OMP_NUM_THREADS) differs from this process's.
+# Thread counts pinned on both sides: x264 output depends on its thread count, and so do bf16 matmuls
+# on the CPU (the tiny video's frames move by ~4 levels between 1 and 2 torch threads). The replicas
+# inherit OMP_NUM_THREADS=1 from the driver; the in-process reference runs at 1 torch thread too.
 BF16 = {"dtype": "bfloat16", "vae_dtype": "bfloat16", "decoder_threads": 2}
+TORCH_THREADS = 1
 REQUEST = {"prompt": "a red fox running through snow", "duration": 1, "resolution": "480p",
            "num_inference_steps": 2, "seed": 4}
 
@@ -38,6 +40,7 @@ def base_url(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("VIDGEN_API_KEYS", API_KEY)  # replicas inherit the driver's environment
+        env.setenv("OMP_NUM_THREADS", str(TORCH_THREADS))  # Ray keeps a driver's setting for its workers
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             port = _free_port()
@@ -53,6 +56,7 @@ def base_url(tmp_path_factory):
 
 def test_bf16_profile_serves_the_bf16_video(base_url, probe_mp4, pipeline, tiny_config):
     import httpx
+    import torch
 
     from vidgen_serve.config import AppConfig
     from vidgen_serve.pipeline import VideoPipeline
@@ -71,9 +75,14 @@ def test_bf16_profile_serves_the_bf16_video(base_url, probe_mp4, pipeline, tiny_
         assert (served["codec"], served["width"], served["height"], served["num_frames"]) == ("h264", 854, 480, 30)
         config = AppConfig(profile_overrides=BF16)
         plan = build_plan(VideoRequest(**REQUEST), config)
-        bf16 = probe_mp4(VideoPipeline(config).generate(plan, os.path.join(tmp, "bf16.mp4")).path)["frames"]
-        fp32 = probe_mp4(pipeline.generate(build_plan(VideoRequest(**REQUEST), tiny_config),
-                                           os.path.join(tmp, "fp32.mp4")).path)["frames"]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(TORCH_THREADS)
+        try:
+            bf16 = probe_mp4(VideoPipeline(config).generate(plan, os.path.join(tmp, "bf16.mp4")).path)["frames"]
+            fp32 = probe_mp4(pipeline.generate(build_plan(VideoRequest(**REQUEST), tiny_config),
+                                               os.path.join(tmp, "fp32.mp4")).path)["frames"]
+        finally:
+            torch.set_num_threads(threads)
     frames = served["frames"].astype(int)
     assert np.abs(frames - bf16.astype(int)).mean() < 0.1  # the bf16 pipeline, as run in-process
     assert np.abs(frames - fp32.astype(int)).mean() > 0.2  # not the float32 one
