@@ -172,6 +172,9 @@ def main() -> None:
             print(f"(2{label}) load run: {args.jobs} jobs, {polls} polls, sync {sync_codes} over "
                   f"{lag['window_s']:.0f} s: longest event-loop stall {lag['max_lag_s'] * 1000:.1f} ms over "
                   f"{lag['samples']} samples (goal < 50 ms)")
+            if lag.get("stall_stack"):
+                print(f"    where the loop was, {lag['stall_stack_late_s'] * 1000:.0f} ms into the worst stall "
+                      f"the watchdog caught:\n{lag['stall_stack']}")
 
         # Warm the job path first (first calls import and connect lazily): steady state is measured.
         warm = client.post("/v1/video/jobs", json=SMALL, headers=AUTH).json()["job_id"]
