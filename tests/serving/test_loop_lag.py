@@ -52,3 +52,27 @@ def test_probe_without_stall_reports_no_stack():
 
     out = asyncio.run(main())
     assert "stall_stack" not in out and out["samples"] > 0
+
+
+def test_no_route_or_dependency_runs_on_the_thread_pool():
+    """FastAPI runs a plain `def` endpoint or dependency on its thread pool; starting a new pool thread
+    blocks the loop until that thread runs (the ingress's worst stall under polling load): every
+    route and dependency of the ingress is a coroutine."""
+    import inspect
+
+    from fastapi.routing import APIRoute
+
+    from vidgen_serve.serving import openai_videos, routes
+
+    def sync_calls(dependant, where):
+        call = dependant.call
+        if call is not None:
+            fn = call if inspect.isfunction(call) or inspect.ismethod(call) else getattr(call, "__call__", call)
+            if not inspect.iscoroutinefunction(fn):
+                yield f"{where}: {getattr(call, '__name__', call)!r}"
+        for sub in dependant.dependencies:
+            yield from sync_calls(sub, where)
+
+    found = [bad for router in (routes.router, openai_videos.router) for route in router.routes
+             if isinstance(route, APIRoute) for bad in sync_calls(route.dependant, route.path)]
+    assert routes.router.routes and not found, found
