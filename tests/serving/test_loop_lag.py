@@ -15,17 +15,21 @@ def _blocks_the_loop(release: threading.Event) -> None:
 
 
 def test_probe_measures_a_stall_and_catches_where_the_loop_was():
+    release = threading.Event()
+
+    def release_when_caught(probe):
+        # Hold the block until the watchdog has caught the loop inside it (no guess of how long that takes).
+        while "_blocks_the_loop" not in "".join(probe._stall_stack) and not release.is_set():
+            time.sleep(0.005)
+        release.set()
+
     async def main():
         probe = LoopLagProbe(interval_s=0.005, stall_capture_s=0.02)
+        # Started before the probe: starting a thread from the loop is itself a stall.
+        releaser = threading.Thread(target=release_when_caught, args=(probe,), daemon=True)
+        releaser.start()
         probe.start()
         await asyncio.sleep(0.05)  # the probe is sampling
-        release = threading.Event()
-        # Release the block only once the watchdog has caught it (no guess of how long that takes).
-        def release_when_caught():
-            while not probe._stall_stack and not release.is_set():
-                time.sleep(0.005)
-            release.set()
-        threading.Thread(target=release_when_caught, daemon=True).start()
         t0 = time.perf_counter()
         _blocks_the_loop(release)
         blocked = time.perf_counter() - t0

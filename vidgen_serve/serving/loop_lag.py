@@ -80,17 +80,14 @@ class LoopLagProbe:
                 window_worst, window_start = 0.0, now
 
     def _watch(self) -> None:
-        """Watchdog thread: when the loop is `stall_capture_s` late, record its thread's stack
-        (once per stall; the longest-running stall's stack is kept)."""
-        captured_for = None
+        """Watchdog thread: while the loop is `stall_capture_s` late or more, record its thread's stack
+        (re-sampled as the stall goes on: what is kept is where the loop was in the longest stall)."""
         while not self._stop.wait(self.stall_capture_s / 2):
-            due = self._due
-            late = time.perf_counter() - due
-            if late < self.stall_capture_s or due == captured_for:
+            late = time.perf_counter() - self._due
+            if late < self.stall_capture_s or late < self._stall_stack_lag:
                 continue
-            captured_for = due
             frame = sys._current_frames().get(self._loop_thread)
-            if frame is not None and late >= self._stall_stack_lag:
+            if frame is not None:
                 self._stall_stack = traceback.format_stack(frame)[-12:]
                 self._stall_stack_lag = late
 
