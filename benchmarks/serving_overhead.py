@@ -76,6 +76,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--requests", type=int, default=8, help="requests per concurrency level")
+    parser.add_argument("--decoder-threads", type=int, nargs="+", default=[0],
+                        help="serve the graph once per value, one after the other (0 = the profile's default): "
+                        "side by side against the same in-process baselines")
+    parser.add_argument("--worker-niceness", type=int, default=0,
+                        help="Ray's worker_niceness for the served graph (default 0: the replicas run at this "
+                        "process's priority, like the in-process baseline; -1: Ray's default, 15)")
+    parser.add_argument("--stage-nice", type=int, default=0,
+                        help="the service's stage_nice (default 0 here: the stages run at the in-process baseline's "
+                        "priority, a like-for-like comparison on a machine shared with other work)")
+    parser.add_argument("--no-throughput", dest="throughput", action="store_false",
+                        help="skip the throughput levels (c)")
     args = parser.parse_args()
 
     print(f"machine: {os.cpu_count()} CPU cores; request: {REQUEST}")
@@ -95,11 +106,12 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     state = tempfile.mkdtemp(prefix="vidgen-bench-")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # Ray renices its workers by `worker_niceness` (15 by default): on a machine shared with other work the
+    # served stages would then run at a lower priority than the in-process baseline (this process).
+    system = {} if args.worker_niceness < 0 else {"worker_niceness": args.worker_niceness}
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=system)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"state_dir": state, "max_inflight_sync": 4, "request_timeout_s": 600}),
-                  name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}/v1/video/generate"
         headers = {"Authorization": f"Bearer {KEY}"}
 
@@ -110,22 +122,33 @@ def main() -> None:
             r.raise_for_status()
             return elapsed, parse_server_timing(r.headers["server-timing"])
 
-        call()  # warm-up
-        samples = [call() for _ in range(args.runs)]
-        http_p50 = p50([e for e, _ in samples])
-        served = {k: p50([t[k] for _, t in samples]) for k in STAGES}
-        print(f"serve (Server-Timing): p50 {fmt(served)}")
-        print(f"serve end-to-end HTTP p50: {http_p50 * 1000:.0f}ms")
-        print(f"ratio HTTP / in-process (default threads): {http_p50 / base_default['total']:.3f}")
-        print(f"ratio HTTP / in-process (1 thread, like a replica): {http_p50 / base_1t['total']:.3f}   "
-              f"(goal <= 1.10)")
-        print(f"HTTP - ingress total (proxy + HTTP + body transfer): {(http_p50 - served['total']) * 1000:.0f}ms")
-        # The issue-11 figure: what serving adds to the same request, torch at one thread on both sides.
-        print(f"fixed serving overhead (HTTP p50 - in-process p50, 1 thread): "
-              f"{(http_p50 - base_1t['total']) * 1000:.0f}ms   (goal <= 50ms)")
-        print("stage           in-proc(default)  in-proc(1 thread)  served")
-        for k in STAGES:
-            print(f"{k:15s} {base_default[k] * 1000:12.0f}ms {base_1t[k] * 1000:14.0f}ms {served[k] * 1000:9.0f}ms")
+        for threads in args.decoder_threads:
+            overrides = {"decoder_threads": threads} if threads else {}
+            label = f"decoder_threads={threads or 'default'}"
+            serve.run(build_app({"state_dir": state, "max_inflight_sync": 4, "request_timeout_s": 600,
+                                 "model": {"profile_overrides": overrides}, "stage_nice": args.stage_nice}),
+                      name="bench", route_prefix="/")
+            call()  # warm-up
+            samples = [call() for _ in range(args.runs)]
+            http_p50 = p50([e for e, _ in samples])
+            served = {k: p50([t[k] for _, t in samples]) for k in STAGES if all(k in t for _, t in samples)}
+            print(f"=== served with {label}")
+            print(f"serve (Server-Timing): p50 {fmt(served)}")
+            print(f"serve end-to-end HTTP p50: {http_p50 * 1000:.0f}ms")
+            print(f"ratio HTTP / in-process (default threads): {http_p50 / base_default['total']:.3f}")
+            print(f"ratio HTTP / in-process (1 thread, like a replica): {http_p50 / base_1t['total']:.3f}   "
+                  f"(goal <= 1.10)")
+            print(f"HTTP - ingress total (proxy + HTTP + body transfer): {(http_p50 - served['total']) * 1000:.0f}ms")
+            # The issue-11 figure: what serving adds to the same request, torch at one thread on both sides.
+            print(f"fixed serving overhead (HTTP p50 - in-process p50, 1 thread): "
+                  f"{(http_p50 - base_1t['total']) * 1000:.0f}ms   (goal <= 50ms)")
+            print("stage           in-proc(default)  in-proc(1 thread)  served")
+            for k in STAGES:
+                if k in served:
+                    print(f"{k:15s} {base_default[k] * 1000:12.0f}ms {base_1t[k] * 1000:14.0f}ms "
+                          f"{served[k] * 1000:9.0f}ms")
+        if not args.throughput:
+            return
 
         # (c) throughput
         for concurrency in (1, 2, 4):

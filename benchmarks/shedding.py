@@ -13,7 +13,7 @@ at once while the accepted ones generate. Printed, side by side from the same ru
 
 Bounded: `--rounds` bursts (default 3) and a wall-clock cap (`--max-seconds`).
 
-    .venv/bin/python benchmarks/shedding.py [--rounds 3] [--factor 12] [--max-inflight 4]
+    .venv/bin/python benchmarks/shedding.py [--rounds 3] [--factor 12] [--max-inflight 4] [--variants ray:0 0:0 0:10]
 """
 
 from __future__ import annotations
@@ -72,7 +72,24 @@ async def burst(client, base_url: str, n: int, seed0: int, floor: int):
     return await asyncio.gather(*tasks), await asyncio.gather(*floors)
 
 
-async def run(base_url: str, args) -> None:
+async def idle_burst(client, base_url: str, n: int) -> list[float]:
+    """`n` concurrent GET /healthz with nothing else running: what the proxy + ingress cost alone."""
+    start = asyncio.Event()
+
+    async def health():
+        await start.wait()
+        t0 = time.perf_counter()
+        (await client.get(f"{base_url}/healthz")).raise_for_status()
+        return time.perf_counter() - t0
+
+    tasks = [asyncio.create_task(health()) for _ in range(n)]
+    await asyncio.sleep(0.2)
+    start.set()
+    return await asyncio.gather(*tasks)
+
+
+async def run(base_url: str, args) -> dict[str, list]:
+    """One variant's measurements: {"rejected", "accepted", "other", "floor", "lone", "idle"}."""
     import httpx
 
     url = f"{base_url}/v1/video/generate"
@@ -83,6 +100,9 @@ async def run(base_url: str, args) -> None:
                                  trust_env=False) as client:
         warm = await client.post(url, json={**REQUEST, "seed": 1})
         warm.raise_for_status()
+        idle = []
+        for _ in range(args.rounds):
+            idle += await idle_burst(client, base_url, n + args.floor)
         lone = []
         for i in range(args.lone):
             t0 = time.perf_counter()
@@ -106,7 +126,13 @@ async def run(base_url: str, args) -> None:
             print(f"round {round_no + 1}: {n} concurrent -> "
                   f"{sum(s == 200 for s, _, _ in results)} x 200, {sum(s == 429 for s, _, _ in results)} x 429, "
                   f"other {[s for s, _, _ in results if s not in (200, 429)]}")
-    print()
+    return {"rejected": rejected, "accepted": accepted, "other": other, "floor": floor, "lone": lone, "idle": idle}
+
+
+def report(label: str, r: dict[str, list]) -> None:
+    rejected, accepted, other, floor, lone, idle = (r[k] for k in ("rejected", "accepted", "other", "floor",
+                                                                   "lone", "idle"))
+    print(f"--- {label}")
     print(f"requests: {len(accepted)} accepted, {len(rejected)} rejected (429), {len(other)} other {other}")
     if rejected:
         print(f"429 latency       p50 {ms(statistics.median(rejected))}   p99 {ms(percentile(rejected, 99))}   "
@@ -114,6 +140,9 @@ async def run(base_url: str, args) -> None:
     if floor:
         print(f"GET /healthz      p50 {ms(statistics.median(floor))}   p99 {ms(percentile(floor, 99))}   "
               "(floor: no work at all, same bursts)")
+    if idle:
+        print(f"GET /healthz idle p50 {ms(statistics.median(idle))}   p99 {ms(percentile(idle, 99))}   "
+              "(as many at once, no generation running: proxy + ingress alone)")
     if accepted:
         print(f"accepted (burst)  p50 {ms(statistics.median(accepted))}   p99 {ms(percentile(accepted, 99))}")
     if lone:
@@ -130,9 +159,21 @@ def main() -> None:
     parser.add_argument("--lone", type=int, default=3, help="lone accepted requests for the baseline")
     parser.add_argument("--floor", type=int, default=4, help="GET /healthz sent with each burst")
     parser.add_argument("--max-seconds", type=float, default=300, help="stop starting rounds after this long")
+    parser.add_argument("--variants", nargs="+", default=["ray:10"],
+                        help="WORKER_NICENESS:STAGE_NICE pairs measured one after the other in this run, each on a "
+                        "fresh local cluster: WORKER_NICENESS is Ray's worker_niceness ('ray' = Ray's default, 15), "
+                        "STAGE_NICE the service's stage_nice. E.g. ray:0 0:0 0:10")
     args = parser.parse_args()
     if not 1 <= args.rounds <= 20 or not 1 <= args.factor * args.max_inflight <= 256:
         parser.error("keep it bounded: 1..20 rounds, at most 256 concurrent requests")
+
+    variants = []
+    for text in args.variants:
+        worker, _, stage = text.partition(":")
+        try:
+            variants.append((None if worker == "ray" else int(worker), int(stage or 0)))
+        except ValueError:
+            parser.error(f"--variants: {text!r} is not WORKER_NICENESS:STAGE_NICE")
 
     os.environ["VIDGEN_API_KEYS"] = KEY  # replicas inherit the environment of the process that starts Ray
     import ray
@@ -140,21 +181,52 @@ def main() -> None:
 
     from vidgen_serve.serve import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    state = tempfile.mkdtemp(prefix="vidgen-bench-")
     print(f"machine: {os.cpu_count()} CPU cores; request: {REQUEST}; "
-          f"{args.factor} x max_inflight_sync {args.max_inflight} = {args.factor * args.max_inflight} concurrent")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"state_dir": state, "max_inflight_sync": args.max_inflight, "request_timeout_s": 300}),
-                  name="bench", route_prefix="/")
-        asyncio.run(run(f"http://127.0.0.1:{port}", args))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+          f"{args.factor} x max_inflight_sync {args.max_inflight} = {args.factor * args.max_inflight} concurrent; "
+          f"this process's niceness {os.nice(0)}")
+    results = {}
+    for worker_nice, stage_nice in variants:
+        label = (f"worker_niceness={'ray default' if worker_nice is None else worker_nice}, "
+                 f"stage_nice={stage_nice}")
+        print(f"=== {label}")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        system = {} if worker_nice is None else {"worker_niceness": worker_nice}
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=system)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app({"state_dir": tempfile.mkdtemp(prefix="vidgen-bench-"),
+                                 "max_inflight_sync": args.max_inflight, "request_timeout_s": 300,
+                                 "stage_nice": stage_nice}),
+                      name="bench", route_prefix="/")
+            print(f"niceness of the serving processes: {niceness_of_serve_processes()}")
+            results[label] = asyncio.run(run(f"http://127.0.0.1:{port}", args))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    print()
+    for label, r in results.items():
+        report(label, r)
+
+
+def niceness_of_serve_processes() -> dict[str, str]:
+    """{process: niceness of its busiest threads} of the proxy and the replicas (Linux /proc)."""
+    out: dict[str, str] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            if "ProxyActor" not in cmd and "ServeReplica:bench" not in cmd:
+                continue
+            name = "ProxyActor" if "ProxyActor" in cmd else cmd.split("ServeReplica:bench:")[1].split()[0].split(".")[0]
+            nices = sorted({os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")})
+        except (OSError, IndexError):
+            continue
+        out[name] = "/".join(map(str, nices))
+    return dict(sorted(out.items()))
 
 
 if __name__ == "__main__":

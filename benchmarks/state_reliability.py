@@ -83,9 +83,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=12, help="async jobs in the load run")
     parser.add_argument("--load-s", type=float, default=20, help="seconds of polling load")
+    parser.add_argument("--worker-niceness", type=int, nargs="+", default=[-1],
+                        help="Ray's worker_niceness (-1: Ray's default, 15: every replica and the proxy run that much "
+                        "nicer than this process; 0: at this process's priority); several values: measured one after the other, each "
+                        "on a fresh cluster")
+    parser.add_argument("--stop-after", choices=("1", "2a", "2b", "3"), default="3",
+                        help="stop after this figure (e.g. 2a: the overload and held-generations figures only)")
     args = parser.parse_args()
 
     os.environ["VIDGEN_API_KEYS"], os.environ["VIDGEN_ADMIN_KEYS"] = KEY, ADMIN
+    for niceness in args.worker_niceness:
+        print(f"=== Ray worker_niceness: {'Ray default (15)' if niceness < 0 else niceness}; this process's "
+              f"niceness {os.nice(0)}")
+        run_once(args, niceness)
+
+
+def run_once(args, worker_niceness: int) -> None:
     import httpx
     import ray
     from ray import serve
@@ -98,7 +111,8 @@ def main() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     print(f"machine: {os.cpu_count()} CPU cores; redis on :{redis_server.port}; service on :{port}")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    system = {} if worker_niceness < 0 else {"worker_niceness": worker_niceness}
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=system)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         one = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
@@ -140,6 +154,8 @@ def main() -> None:
               f"({with_retry} with Retry-After), {len(rejected) - len(lat)} other; refusal latency "
               f"p50 {statistics.median(lat) * 1000:.1f} ms, p99 {pct(lat, 0.99) * 1000:.1f} ms (goal < 100 ms); "
               f"accepted: {[r.status_code for r in done]}")
+        if args.stop_after == "1":
+            return
 
         # (2) event-loop stalls during a load run
         admin = {"Authorization": f"Bearer {ADMIN}"}
@@ -172,14 +188,21 @@ def main() -> None:
             print(f"(2{label}) load run: {args.jobs} jobs, {polls} polls, sync {sync_codes} over "
                   f"{lag['window_s']:.0f} s: longest event-loop stall {lag['max_lag_s'] * 1000:.1f} ms over "
                   f"{lag['samples']} samples (goal < 50 ms)")
+            if lag.get("stall_stack"):
+                print(f"    where the loop was, {lag['stall_stack_late_s'] * 1000:.0f} ms into the worst stall "
+                      f"the watchdog caught:\n{lag['stall_stack']}")
 
         # Warm the job path first (first calls import and connect lazily): steady state is measured.
         warm = client.post("/v1/video/jobs", json=SMALL, headers=AUTH).json()["job_id"]
         while client.get(f"/v1/video/jobs/{warm}", headers=AUTH).json()["state"] not in ("succeeded", "failed"):
             time.sleep(0.2)
         load_run("a, generations held", 0)
+        if args.stop_after in ("1", "2a"):
+            return
         deploy(0.0)  # real generations from here on (a live reconfigure of the Denoiser)
         load_run("b, real generations", 1000)
+        if args.stop_after == "2b":
+            return
 
         # (3) Redis restarted mid-load
         def states() -> dict[str, int]:

@@ -219,7 +219,7 @@ class ModelProfile(BaseModel):
     decoder_threads: int | None = Field(
         None, ge=1, le=256,
         description="CPU threads for post-processing and x264 (default: the replica's CPUs, from Ray's "
-        "OMP_NUM_THREADS or the process's CPU affinity).",
+        "OMP_NUM_THREADS but at least 2 where the process may run on 2 cores, or the process's CPU affinity).",
     )
 
     @model_validator(mode="before")

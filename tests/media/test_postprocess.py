@@ -107,8 +107,15 @@ def test_threads_follow_the_replica(monkeypatch):
     settings = settings_for(41, 16, 30)
     assert h264_encoder_args(settings)["threads"] == 6
     assert h264_encoder_args(settings_for(41, 16, 30, threads=3))["threads"] == 3
+    # A fractional share (Ray sets 1) still gets two encoder threads where two cores are there.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert available_cpus() == 2
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert available_cpus() == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert available_cpus() >= 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+    assert available_cpus() == 3
 
 
 def test_nvenc_is_used_only_where_ffmpeg_can_open_it():

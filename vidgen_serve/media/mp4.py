@@ -69,11 +69,20 @@ class EncodeSettings:
 
 
 def available_cpus() -> int:
-    """CPUs this process should use: Ray's OMP_NUM_THREADS (set to a replica's num_cpus), else its affinity."""
+    """CPUs the encoder (x264, interpolation chunks) should use: Ray's OMP_NUM_THREADS (set from a
+    replica's num_cpus), but at least two where the process may run on two cores; else its affinity.
+
+    A fractional CPU share (the CPU profile's stage replicas ask for 0.1-0.2) rounds to one torch
+    thread, and the encoder followed it: x264 on one thread has no frame parallelism, and it ran
+    ~10-25 % slower in a Decoder replica than in process on the same machine. While ffmpeg runs,
+    the replica's own threads wait for it, and the replica is niced (`stage_nice`), so a second
+    encoder thread takes only what the node has spare. Whole-CPU shares (GPU profiles: 4) are
+    unchanged."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if omp.isdigit() and int(omp) > 0:
-        return int(omp)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(int(omp), min(2, cores))
+    return cores
 
 
 def interpolation_filter(stream, settings: EncodeSettings):

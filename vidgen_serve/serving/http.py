@@ -74,8 +74,18 @@ def ingress_of(request: Request) -> Any:
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
 
 
-def api_key(request: Request, _: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str:
+# The auth dependencies are `async def` on purpose: FastAPI runs a plain `def` dependency on its thread
+# pool, and when no idle worker thread is left, starting one blocks the event loop until the new thread
+# has run (anyio waits for it): that was the ingress's longest loop stall under polling load. The check
+# itself is a hash and constant-time compares (microseconds): it belongs on the loop.
+
+
+async def api_key(request: Request, _: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str:
     """Dependency: the caller's key id (401 without a valid API key)."""
+    return _api_key(request)
+
+
+def _api_key(request: Request) -> str:
     key = ingress_of(request).keys.check(request.headers.get("authorization"))
     if key is None:
         raise VidgenError(401, "missing or invalid API key (use 'Authorization: Bearer <key>')",
@@ -83,13 +93,13 @@ def api_key(request: Request, _: HTTPAuthorizationCredentials | None = Depends(_
     return key
 
 
-def admin_key(request: Request, _: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+async def admin_key(request: Request, _: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
     """Dependency: an admin key (401 without a valid key, 403 with a plain API key)."""
     ingress = ingress_of(request)
     # An admin key need not also be an API key (VIDGEN_ADMIN_KEYS is its own list).
     if ingress.admin_keys.check(request.headers.get("authorization")) is not None:
         return
-    api_key(request)
+    _api_key(request)
     raise VidgenError(403, "this endpoint needs an admin key (VIDGEN_ADMIN_KEYS)", code="forbidden")
 
 

@@ -84,6 +84,7 @@ class GenerationOrchestrator:
         self.router = router
         self.retry_after_s = retry_after_s
         self.stage_shares = StageShares()
+        self._reports: set[asyncio.Future] = set()
 
     async def _call(self, stage: str, awaitable: Awaitable) -> Any:
         try:
@@ -106,22 +107,37 @@ class GenerationOrchestrator:
             logger.warning("failover router unavailable (%r); using the primary denoiser", exc)
             return "primary"
 
-    async def _report(self, target: str, seconds: float, plan: GenerationPlan, ok: bool) -> None:
+    def _report(self, target: str, seconds: float, plan: GenerationPlan, ok: bool) -> None:
+        """Tell the router how the call went, off the request's path: the call is sent now and its
+        answer (nothing) is awaited in the background, not before the decode starts."""
         if self.router is None:
             return
         try:
-            await self.router.record.remote(target, seconds, plan.work_units, ok)
+            response = self.router.record.remote(target, seconds, plan.work_units, ok)
         except Exception as exc:
             logger.warning("could not report to the failover router: %r", exc)
+            return
+
+        async def settle() -> None:
+            try:
+                await response
+            except Exception as exc:
+                logger.warning("could not report to the failover router: %r", exc)
+
+        task = asyncio.ensure_future(settle())
+        self._reports.add(task)  # a strong reference until it ends
+        task.add_done_callback(self._reports.discard)
 
     async def denoise(self, plan: GenerationPlan, embeddings: Any, carrier: dict,
-                      on_progress: ProgressCallback | None = None) -> tuple[Any, dict[str, float], str]:
+                      on_progress: ProgressCallback | None = None,
+                      choice: Awaitable[str] | None = None) -> tuple[Any, dict[str, float], str]:
         """Denoise on the router's choice; if that target fails, once more on the other one.
 
         A failed call is reported to the router first (errors count as breaches), so a
         broken primary is still failed over; meanwhile no accepted request is lost to it.
+        `choice`: the router's answer, asked for earlier (e.g. while the text was encoded).
         """
-        target = await self._choose_denoiser()
+        target = await (choice if choice is not None else self._choose_denoiser())
         try:
             return await self._denoise_on(target, plan, embeddings, carrier, on_progress)
         except VidgenError as exc:
@@ -151,7 +167,7 @@ class GenerationOrchestrator:
             raise
         finally:
             if outcome not in ("cancelled", "style_unavailable"):
-                await self._report(target, time.perf_counter() - t0, plan, outcome == "ok")
+                self._report(target, time.perf_counter() - t0, plan, outcome == "ok")
         return final["latents"], final["timings"], target
 
     async def _read_stream(self, stage: str, gen: Any, on_progress: ProgressCallback | None) -> dict[str, Any]:
@@ -196,12 +212,20 @@ class GenerationOrchestrator:
         t0 = time.perf_counter()
         with tracer().start_as_current_span("generate", attributes=plan.summary() | {"windows": len(plan.windows)}):
             carrier = carrier_for_current_span()
-            if on_stage:
-                await on_stage("text_encode")
-            embeddings, timings = await self._call("text_encode", self.text_encoder.encode.remote(plan, carrier))
-            if on_stage:
-                await on_stage("denoise")
-            latents, denoise_timings, target = await self.denoise(plan, embeddings, carrier, on_progress)
+            # The router is asked which denoiser to use while the text is encoded (one round trip
+            # fewer on the request's path); its answer cannot fail (it falls back to the primary).
+            choice = asyncio.ensure_future(self._choose_denoiser())
+            try:
+                if on_stage:
+                    await on_stage("text_encode")
+                embeddings, timings = await self._call("text_encode",
+                                                       self.text_encoder.encode.remote(plan, carrier))
+                if on_stage:
+                    await on_stage("denoise")
+            except BaseException:
+                choice.cancel()
+                raise
+            latents, denoise_timings, target = await self.denoise(plan, embeddings, carrier, on_progress, choice)
             timings.update(denoise_timings)
             if on_stage:
                 await on_stage("decode")

@@ -236,6 +236,7 @@ async def router_state(request: Request) -> dict[str, Any]:
 
 
 @router.get("/v1/admin/event-loop", dependencies=[Depends(admin_key)])
-async def event_loop(request: Request) -> dict[str, float]:
-    """The longest event-loop stall of this replica since the last call (admin keys only)."""
+async def event_loop(request: Request) -> dict[str, Any]:
+    """The longest event-loop stall of this replica since the last call, with where the loop was during
+    the worst stall its watchdog caught (admin keys only)."""
     return ingress_of(request).loop_lag.take()

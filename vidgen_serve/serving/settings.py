@@ -51,6 +51,13 @@ class ServeSettings(BaseModel):
         600.0, gt=0, description="Deadline of one generation (504 beyond; its work is cancelled downstream)."
     )
     retry_after_s: int = Field(5, ge=1, description="Retry-After seconds sent with 429/503.")
+    stage_nice: int = Field(
+        10, ge=0, le=19,
+        description="CPU niceness the stage replicas (TextEncoder, Denoiser, Decoder) add to their own process "
+        "(every thread, and the ffmpeg they start), so that on a node whose cores they share, Serve's HTTP proxy "
+        "and the ingress are scheduled first: 429s, health checks and job polls stay fast while generations "
+        "saturate the CPU. Only matters under CPU contention (idle cores are used as before); 0 = unchanged.",
+    )
     job_heartbeat_s: float = Field(5.0, gt=0, description="How often a replica marks its running jobs alive.")
     job_stale_after_s: float = Field(
         30.0, gt=0, description="A running job whose owner has not been heard of this long is recovered."

@@ -37,6 +37,33 @@ from .telemetry import StageMetrics, child_span, configure_tracing, stage_call
 logger = logging.getLogger("vidgen_serve.stages")
 
 
+def lower_cpu_priority(settings: Any) -> int:
+    """Make this stage replica's process nicer by `settings.stage_nice` (every thread it has now;
+    threads and processes it starts later, torch's pool and ffmpeg included, inherit it).
+
+    On Linux a niceness belongs to a thread, so each task of the process is reniced, not only the
+    calling one. Returns the niceness applied (0: unchanged, no settings, or not permitted).
+    """
+    increment = getattr(settings, "stage_nice", 0) if settings is not None else 0
+    if increment <= 0 or not hasattr(os, "setpriority"):
+        return 0
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    applied = 0
+    for tid in tids:
+        try:
+            target = min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+            os.setpriority(os.PRIO_PROCESS, tid, target)
+            applied = target
+        except OSError:  # a thread that just ended, or a sandbox that forbids it
+            continue
+    if applied:
+        logger.info("stage replica niceness now %d (stage_nice=%d)", applied, increment)
+    return applied
+
+
 class _QueueDepthStats:
     """`record_autoscaling_stats` for a stage deployment: the job store's queue depth."""
 
@@ -60,6 +87,7 @@ class TextEncoderDeployment(_QueueDepthStats):
 
     def __init__(self, config: AppConfig, settings: Any = None):
         configure_tracing()
+        lower_cpu_priority(settings)
         self.stage = TextEncoder(config)
         self.metrics = StageMetrics("text_encode")
         self._watch_queue(settings)
@@ -97,6 +125,7 @@ class DenoiserDeployment(_QueueDepthStats):
 
     def __init__(self, config: AppConfig, role: str = "primary", settings: Any = None):
         configure_tracing()
+        lower_cpu_priority(settings)
         self.role = role
         # 503s say when to retry (the deployment's `retry_after_s`, as the ingress's do).
         self.retry_after_s = settings.retry_after_s if settings is not None else 5
@@ -206,6 +235,7 @@ class DecoderDeployment(_QueueDepthStats):
 
     async def __init__(self, config: AppConfig, settings: Any = None):
         configure_tracing()
+        lower_cpu_priority(settings)
         self.artifacts = None
         if settings is not None:  # checked before the model loads: a bad store fails fast
             self.artifacts = settings.open_artifact_store()
