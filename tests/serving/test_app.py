@@ -405,7 +405,9 @@ def test_auth(env):
     assert_error(env.client.get("/v1/admin/router", headers=AUTH), 403, "forbidden")
     r = env.client.get("/v1/admin/router", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert r.status_code == 200, summary(r)
-    assert r.json()["enabled"] is True and r.json()["active"] == "primary"
+    # Which denoiser is active is the router's business (a loaded machine can slow the primary into a
+    # legitimate failover before this runs); this test is about who may read it.
+    assert r.json()["enabled"] is True and r.json()["active"] in ("primary", "standby")
 
 
 def test_unknown_job_is_404(env):
