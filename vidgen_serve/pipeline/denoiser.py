@@ -327,9 +327,7 @@ class DenoiseRun:
         plan, t = self.plan, self.timesteps[self.step]
         win, w = plan.windows[self.window], self.weights[self.window]
         cond = self.window_conds[self.window]
-        styles = self.denoiser.styles
-        if not styles.is_active(plan.style):  # another run switched it, or a load/eviction since our last unit
-            styles.activate(plan.style)
+        self.denoiser.styles.activate(plan.style)  # a no-op unless another run switched or evicted it
         with self.denoiser.step_cache(self, self.window):
             pred = self.denoiser._predict(self._latents[:, :, win.start : win.end], t, cond, self.uncond,
                                           plan.guidance_scale)

@@ -292,7 +292,12 @@ class StyleAdapters:
         return name is not None and self.backend.active == name and next(reversed(self.loaded)) == style
 
     def activate(self, style: str) -> None:
-        """Run the transformer as `style` wants it: its adapter (loaded if needed) or none at all."""
+        """Run the transformer as `style` wants it: its adapter (loaded if needed) or none at all.
+
+        Returns at once when it already does (`is_active`): the denoiser calls this at every
+        (step, window) unit, since another run may have switched or evicted the adapter meanwhile."""
+        if self.is_active(style):
+            return
         if not self.has_adapter(style):
             self.backend.activate(None)
             return
