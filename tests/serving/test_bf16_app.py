@@ -7,11 +7,12 @@ pipeline's video, frame for frame, and not the float32 one.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import numpy as np
 import pytest
+
+from vidgen_serve.net import find_free_port
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +24,6 @@ BF16 = {"dtype": "bfloat16", "vae_dtype": "bfloat16", "decoder_threads": 2}
 TORCH_THREADS = 1
 REQUEST = {"prompt": "a red fox running through snow", "duration": 1, "resolution": "480p",
            "num_inference_steps": 2, "seed": 4}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +38,7 @@ def base_url(tmp_path_factory):
         env.setenv("OMP_NUM_THREADS", str(TORCH_THREADS))  # Ray keeps a driver's setting for its workers
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
-            port = _free_port()
+            port = find_free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             app = build_app({"model": {"profile_overrides": BF16}, "standby": False,
                              "state_dir": str(tmp_path_factory.mktemp("bf16-state"))})

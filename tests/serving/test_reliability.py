@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import httpx
 import pytest
 from fake_handles import VIDEO, ingress_app
 
+from vidgen_serve.net import find_free_port
 from vidgen_serve.serving.settings import ServeSettings
 from vidgen_serve.state.jobs import CANCELLED, QUEUED, RUNNING, SUCCEEDED, open_job_store
 
@@ -159,18 +159,12 @@ async def _async(value):
     return value
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class OwnRedis:
     """A redis-server of this test's own (loopback, free port, append-only file so a restart
     keeps every write): restarting it disturbs nobody else."""
 
     def __init__(self, workdir: Path):
-        self.port = _free_port()
+        self.port = find_free_port()
         self.dir = workdir
         self.proc: subprocess.Popen | None = None
 

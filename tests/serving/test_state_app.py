@@ -6,12 +6,12 @@ runs none), so the scale-up can only come from the queue, never from denoise req
 
 from __future__ import annotations
 
-import socket
 import time
 
 import httpx
 import pytest
 
+from vidgen_serve.net import find_free_port
 from vidgen_serve.serving.autoscaling import policy_config
 
 pytestmark = pytest.mark.slow
@@ -26,12 +26,6 @@ FAST_SCALING = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests":
 ONE = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster():
     import os
@@ -41,7 +35,7 @@ def cluster():
 
     saved = os.environ.get("VIDGEN_API_KEYS")
     os.environ["VIDGEN_API_KEYS"] = KEY  # replicas inherit the driver's environment
-    port = _free_port()
+    port = find_free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
