@@ -5,9 +5,9 @@
         --headless -u 4 -r 1 -t 2m         # by hand, against a running service
 
 Two kinds of users: `SyncUser` calls POST /v1/video/generate; `JobUser` submits an async job,
-polls it and downloads the MP4. Both send a small share of invalid requests that must be
-refused with a 4xx. Requests are drawn from a mix of durations, resolutions, styles and
-controls. Answers that shed load (429, or 503 with retry advice) are recorded under
+polls it and downloads the MP4. Both send a share of invalid requests (each user's first
+call, then every 1/invalid_share-th) that must be refused with a 4xx. Requests are drawn from
+a mix of durations, resolutions, styles and controls. Answers that shed load (429, or 503 with retry advice) are recorded under
 "<name> (shed <status>)" as successes: the run shows throughput, latency and how much load
 was turned away; any other unexpected status (a 5xx) is a failure.
 
@@ -70,6 +70,7 @@ class VidgenUser(HttpUser):
     def on_start(self) -> None:
         self.client.headers["Authorization"] = f"Bearer {os.environ['VIDGEN_API_KEY']}"
         self.rng = random.Random(_seed.random())
+        self.calls = 0
 
     def body(self) -> dict:
         return dict(FIXED_REQUEST) if FIXED_REQUEST else make_request(MIX, self.rng)
@@ -107,9 +108,22 @@ class VidgenUser(HttpUser):
 
 
 def _tasks(main):
-    # The invalid share becomes task weights (per mille) next to the user's main task.
+    """One task that interleaves invalid requests at the mix's share, deterministically: a
+    user's 1st call is invalid, then every round(1 / share)-th. Random task weights could send
+    none at all in a short run on a slow machine."""
     share = float(MIX.get("invalid_share", 0))
-    return {main: max(1, round((1 - share) * 1000)), VidgenUser.invalid: round(share * 1000)}
+    period = max(1, round(1 / share)) if share > 0 else 0
+
+    def task(user: VidgenUser) -> None:
+        turn = user.calls
+        user.calls += 1
+        if period and turn % period == 0:
+            user.invalid()
+        else:
+            main(user)
+
+    task.__name__ = main.__name__
+    return [task]
 
 
 def _generate(user: VidgenUser) -> None:

@@ -121,6 +121,9 @@ class LocalService:
         self.num_cpus = num_cpus
         self.start_timeout_s = start_timeout_s
         self.api_key = secrets.token_urlsafe(24)
+        # Ray's token where one is configured; else an ephemeral one for this private cluster
+        # (`ray start` with token auth and no token refuses to start; nothing is written to $HOME).
+        self.ray_token = ray_auth_token() or secrets.token_hex(32)
         self.proc: subprocess.Popen | None = None
         self.port = find_free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -139,8 +142,7 @@ class LocalService:
         self.stop()
 
     def dashboard_headers(self) -> dict[str, str]:
-        token = ray_auth_token()
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        return {"Authorization": f"Bearer {self.ray_token}"}
 
     def start(self) -> None:
         self.config.setdefault("http_options", {}).update(host="127.0.0.1", port=self.port)
@@ -150,7 +152,8 @@ class LocalService:
         self.dashboard_url = f"http://127.0.0.1:{dashboard}"
         # Short: Ray's socket paths live under it and must stay under 108 bytes.
         self._temp = tempfile.mkdtemp(prefix="vlt-", dir="/tmp")
-        env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", VIDGEN_API_KEYS=self.api_key,
+        env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.ray_token, RAY_USAGE_STATS_ENABLED="0",
+                   VIDGEN_API_KEYS=self.api_key,
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         env.pop("RAY_ADDRESS", None)
         env.update(self.extra_env)

@@ -103,7 +103,10 @@ def test_slow_primary_fails_over_to_standby_and_back(drill_config):
         lines = [ln for ln in text.splitlines() if ln.startswith("ray_vidgen_failover") or
                  ln.startswith("vidgen_failover")]
         kinds = {k for k in ("failover", "failback") if any(f'kind="{k}"' in ln for ln in lines)}
-        if kinds == {"failover", "failback"}:
+        primary_active = [ln for ln in lines if "failover_active" in ln and 'target="primary"' in ln
+                          and ln.rsplit(" ", 1)[1] == "1.0"]
+        # The counter and the gauge are exported separately: wait for both to show the fail-back.
+        if kinds == {"failover", "failback"} and primary_active:
             break
         time.sleep(1)
     switches = [ln for ln in lines if "failover_switches" in ln]
