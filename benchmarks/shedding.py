@@ -56,13 +56,13 @@ async def burst(client, base_url: str, n: int, seed0: int, floor: int):
     async def generate(i: int):
         await start.wait()
         t0 = time.perf_counter()
-        r = await client.post(f"{base_url}/v1/video/generate", json={**REQUEST, "seed": seed0 + i})
-        return r.status_code, time.perf_counter() - t0, r.headers.get("retry-after")
+        status, headers = await client.post(f"{base_url}/v1/video/generate", {**REQUEST, "seed": seed0 + i})
+        return status, time.perf_counter() - t0, headers.get("retry-after")
 
     async def health():
         await start.wait()
         t0 = time.perf_counter()
-        (await client.get(f"{base_url}/healthz")).raise_for_status()
+        await client.get_ok(f"{base_url}/healthz")
         return time.perf_counter() - t0
 
     tasks = [asyncio.create_task(generate(i)) for i in range(n)]
@@ -79,7 +79,7 @@ async def idle_burst(client, base_url: str, n: int) -> list[float]:
     async def health():
         await start.wait()
         t0 = time.perf_counter()
-        (await client.get(f"{base_url}/healthz")).raise_for_status()
+        await client.get_ok(f"{base_url}/healthz")
         return time.perf_counter() - t0
 
     tasks = [asyncio.create_task(health()) for _ in range(n)]
@@ -88,25 +88,105 @@ async def idle_burst(client, base_url: str, n: int) -> list[float]:
     return await asyncio.gather(*tasks)
 
 
+class Client:
+    """The burst's HTTP client: aiohttp (default) or httpx, behind the three calls used here.
+
+    The client shares the two cores with the service, so its own cost per request is part of
+    every latency measured: 52 concurrent GETs to a bare FastAPI app on uvicorn take p99 ~10 ms
+    with aiohttp and ~70-180 ms with httpx on this machine (`client floor` in the report)."""
+
+    def __init__(self, kind: str, connections: int):
+        self.kind, self.connections = kind, connections
+
+    async def __aenter__(self) -> "Client":
+        headers = {"Authorization": f"Bearer {KEY}"}
+        if self.kind == "aiohttp":
+            import aiohttp
+
+            self._session = aiohttp.ClientSession(
+                headers=headers, timeout=aiohttp.ClientTimeout(total=300),
+                connector=aiohttp.TCPConnector(limit=self.connections, force_close=False))
+        else:
+            import httpx
+
+            limits = httpx.Limits(max_connections=self.connections, max_keepalive_connections=self.connections)
+            self._session = httpx.AsyncClient(headers=headers, timeout=300, limits=limits, trust_env=False)
+        await self._session.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._session.__aexit__(*exc)
+
+    async def post(self, url: str, body: dict) -> tuple[int, dict]:
+        """(status, headers) of a POST; the body is read to the end."""
+        if self.kind == "aiohttp":
+            async with self._session.post(url, json=body) as r:
+                await r.read()
+                return r.status, {k.lower(): v for k, v in r.headers.items()}
+        r = await self._session.post(url, json=body)
+        return r.status_code, {k.lower(): v for k, v in r.headers.items()}
+
+    async def get_ok(self, url: str) -> None:
+        if self.kind == "aiohttp":
+            async with self._session.get(url) as r:
+                await r.read()
+                r.raise_for_status()
+        else:
+            (await self._session.get(url)).raise_for_status()
+
+    async def post_ok(self, url: str, body: dict) -> None:
+        status, _ = await self.post(url, body)
+        if status != 200:
+            raise RuntimeError(f"POST {url}: {status}")
+
+
+async def client_floor(kind: str, n: int, rounds: int) -> list[float]:
+    """`n` concurrent GETs against a bare FastAPI app on uvicorn (nothing of the service): what
+    the client and HTTP on this machine cost by themselves, with the same burst."""
+    import subprocess
+    import sys
+
+    from vidgen_serve.net import find_free_port
+
+    port = find_free_port()
+    app = ("from fastapi import FastAPI\napp = FastAPI()\n@app.get('/healthz')\n"
+           "async def healthz():\n    return {'status': 'ok'}\n")
+    workdir = tempfile.mkdtemp(prefix="vidgen-floor-")
+    with open(os.path.join(workdir, "bare_app.py"), "w") as f:
+        f.write(app)
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bare_app:app", "--host", "127.0.0.1", "--port",
+                             str(port), "--log-level", "warning"], cwd=workdir)
+    try:
+        async with Client(kind, n + 8) as client:
+            for _ in range(100):
+                try:
+                    await client.get_ok(f"http://127.0.0.1:{port}/healthz")
+                    break
+                except Exception:  # noqa: BLE001 - not listening yet
+                    await asyncio.sleep(0.1)
+            out = []
+            for _ in range(rounds):
+                out += await idle_burst(client, f"http://127.0.0.1:{port}", n)
+            return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 async def run(base_url: str, args) -> dict[str, list]:
     """One variant's measurements: {"rejected", "accepted", "other", "floor", "lone", "idle"}."""
-    import httpx
-
     url = f"{base_url}/v1/video/generate"
     n = args.factor * args.max_inflight
-    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
     deadline = time.monotonic() + args.max_seconds
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=300, limits=limits,
-                                 trust_env=False) as client:
-        warm = await client.post(url, json={**REQUEST, "seed": 1})
-        warm.raise_for_status()
+    async with Client(args.client, n + 8) as client:
+        await client.post_ok(url, {**REQUEST, "seed": 1})
         idle = []
         for _ in range(args.rounds):
             idle += await idle_burst(client, base_url, n + args.floor)
         lone = []
         for i in range(args.lone):
             t0 = time.perf_counter()
-            (await client.post(url, json={**REQUEST, "seed": 10 + i})).raise_for_status()
+            await client.post_ok(url, {**REQUEST, "seed": 10 + i})
             lone.append(time.perf_counter() - t0)
         rejected, accepted, other, floor = [], [], [], []
         for round_no in range(args.rounds):
@@ -140,6 +220,10 @@ def report(label: str, r: dict[str, list]) -> None:
     if floor:
         print(f"GET /healthz      p50 {ms(statistics.median(floor))}   p99 {ms(percentile(floor, 99))}   "
               "(floor: no work at all, same bursts)")
+    if r.get("client"):
+        c = r["client"]
+        print(f"client floor      p50 {ms(statistics.median(c))}   p99 {ms(percentile(c, 99))}   "
+              "(as many at once to a bare FastAPI app on uvicorn: the client and HTTP alone)")
     if idle:
         print(f"GET /healthz idle p50 {ms(statistics.median(idle))}   p99 {ms(percentile(idle, 99))}   "
               "(as many at once, no generation running: proxy + ingress alone)")
@@ -163,6 +247,8 @@ def main() -> None:
                         help="WORKER_NICENESS:STAGE_NICE pairs measured one after the other in this run, each on a "
                         "fresh local cluster: WORKER_NICENESS is Ray's worker_niceness ('ray' = Ray's default, 15), "
                         "STAGE_NICE the service's stage_nice. E.g. ray:0 0:0 0:10")
+    parser.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp",
+                        help="HTTP client of the bursts (its own cost is measured too: 'client floor')")
     args = parser.parse_args()
     if not 1 <= args.rounds <= 20 or not 1 <= args.factor * args.max_inflight <= 256:
         parser.error("keep it bounded: 1..20 rounds, at most 256 concurrent requests")
@@ -202,6 +288,8 @@ def main() -> None:
                       name="bench", route_prefix="/")
             print(f"niceness of the serving processes: {niceness_of_serve_processes()}")
             results[label] = asyncio.run(run(f"http://127.0.0.1:{port}", args))
+            n = args.factor * args.max_inflight + args.floor
+            results[label]["client"] = asyncio.run(client_floor(args.client, n, args.rounds))
         finally:
             serve.shutdown()
             ray.shutdown()
