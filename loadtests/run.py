@@ -156,6 +156,7 @@ class LocalService:
                    VIDGEN_API_KEYS=self.api_key,
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         env.pop("RAY_ADDRESS", None)
+        env.setdefault("RAY_worker_niceness", "0")  # as `vidgen-serve serve` and k8s/base/env.yaml
         env.update(self.extra_env)
         ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
         cmd = [ray_bin, "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",

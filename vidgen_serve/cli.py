@@ -272,6 +272,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config.setdefault("http_options", {}).update(host=args.host, port=args.port)
     env = dict(os.environ)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # As in k8s/base/env.yaml: the proxy and the ingress at normal priority, the stages `stage_nice`
+    # steps nicer (under Ray's default of 15, capped at 19, the stages would get 4 steps at most).
+    env.setdefault("RAY_worker_niceness", "0")
     state_dir = Path(config["applications"][0].get("args", {}).get("state_dir", "var"))
     if not env.get("VIDGEN_API_KEYS") and not env.get("VIDGEN_API_KEYS_FILE"):
         key_file = _local_key_file(state_dir).resolve()
