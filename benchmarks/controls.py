@@ -12,6 +12,11 @@ Loads `VideoPipeline` once (tiny profile by default), warms every stage up, then
    (`vidgen_serve.media.quality.quality_metrics` on the native frames, as the Decoder runs it, "n/a" where that module is
    not installed), each relative to the VAE decode stage of the same case.
 
+3. (Not with --quick.) The denoiser's FLOPs per second of output at 5, 10 and 15 s on the real Wan 2.1
+   1.3B and 14B architectures (counted on meta tensors: no weights, no GPU), with overlapping and with
+   shifted windows (`window_schedule`): on a GPU the denoiser is compute-bound, so this is its cost
+   ratio at any step count, where the timed tiny profile's is mostly the decoder's.
+
 Every measurement is the median of `--reps` runs, taken round-robin over the cases (the machine's
 load changes hit every case alike); CPU seconds are the steadier measure on a shared machine. Ratios are printed side by side as
 ``ratio <name>: <value>`` lines (the smoke test parses them).
@@ -131,12 +136,38 @@ def ratios(costs: dict, controls: dict) -> dict[str, float | None]:
     return out
 
 
+ARCHITECTURES_COUNTED = {"1.3B": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "14B": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
+
+
+def architecture_costs(durations: list[float], resolution: str) -> dict[str, dict[float, float]]:
+    """{"<model> <schedule>": {duration: denoise FLOPs per step per second of output}} (meta tensors)."""
+    from vidgen_serve.config import AppConfig
+    from vidgen_serve.models.architectures import ARCHITECTURES
+    from vidgen_serve.models.flops import plan_step_flops
+    from vidgen_serve.plan import build_plan
+    from vidgen_serve.request import VideoRequest
+
+    out = {}
+    for model, checkpoint in ARCHITECTURES_COUNTED.items():
+        arch = ARCHITECTURES[checkpoint]["transformer"]
+        profile = "wan2.1-1.3b" if model == "1.3B" else "wan2.1-14b-tp8"  # the plan: same windows on any layout
+        for schedule in ("overlap", "shifted"):
+            config = AppConfig(profile=profile, profile_overrides={"window_schedule": schedule})
+            out[f"{model} {schedule}"] = {
+                d: plan_step_flops(arch, build_plan(VideoRequest(prompt=PROMPT, duration=d, resolution=resolution,
+                                                                 seed=SEED), config)) / d
+                for d in durations}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--reps", type=int, default=5, help="repetitions per measurement (median reported)")
     parser.add_argument("--quick", action="store_true", help="480p, 1/2/3 s, one run each (smoke check)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--window-schedule", choices=("overlap", "shifted"), default=None,
+                        help="the profile's window_schedule for the timed part (default: the profile's)")
     args = parser.parse_args(argv)
 
     import torch
@@ -148,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
     durations, resolution, reps = ([1.0, 2.0, 3.0], "480p", 1) if args.quick else ([5.0, 10.0, 15.0], "720p",
                                                                                       args.reps)
-    config = AppConfig(profile=args.profile)
+    overrides = {"window_schedule": args.window_schedule} if args.window_schedule else {}
+    config = AppConfig(profile=args.profile, profile_overrides=overrides)
     pipeline = VideoPipeline(config)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads); profile {config.profile}; {resolution}; "
@@ -169,15 +201,27 @@ def main(argv: list[str] | None = None) -> int:
         cells = f"{'n/a':>9}{'n/a':>9}" if value is None else f"{value[0]:>9.3f}{value[1]:>9.3f}"
         extra = " (extra over the plain encode)" if name in CONTROLS else ""
         print(f"{'':>{len(f'{durations[0]:g} s case: ')}}{name:<18}{cells}{extra}")
+    counted = {} if args.quick else architecture_costs(durations, resolution)
+    if counted:
+        print(f"\ndenoise FLOPs per step per second of {resolution} output (real architectures, counted):")
+        print(f"{'':16}" + "".join(f"{d:>10g}s" for d in durations) + f"{'last/first':>12}")
+        for name, row in counted.items():
+            print(f"{name:16}" + "".join(f"{row[d] / 1e12:>10.1f}T" for d in durations)
+                  + f"{row[durations[-1]] / row[durations[0]]:>12.3f}")
     print()
     reported = ratios(costs, controls)
+    for name, row in counted.items():
+        reported[f"denoise FLOPs per-second {durations[-1]:g}s / {durations[0]:g}s ({name})"] = \
+            row[durations[-1]] / row[durations[0]]
     for name, value in reported.items():
-        goal = f"  (goal <= {GOAL_LONG_OVER_SHORT})" if name.startswith("per-second") and "cpu" in name else ""
+        goal = f"  (goal <= {GOAL_LONG_OVER_SHORT})" if (name.startswith("per-second") and "cpu" in name) or \
+            name.startswith("denoise FLOPs") else ""
         print(f"ratio {name}: {'n/a' if value is None else f'{value:.3f}'}{goal}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"costs": {str(k): v for k, v in costs.items()}, "controls": controls, "ratios": reported,
-                       "quick": args.quick}, f, indent=2)
+                       "denoise_flops_per_second": {k: {str(d): v for d, v in row.items()} for k, row in counted.items()},
+                       "window_schedule": config.model_profile.window_schedule, "quick": args.quick}, f, indent=2)
     return 0
 
 

@@ -141,7 +141,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         denoiser = LocalParallelDenoiser(config)
     pipeline = VideoPipeline(config, denoiser=denoiser)
-    total = plan.num_inference_steps * len(plan.windows)
+    total = plan.window_units
     bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, disable=args.quiet)
 
     def on_progress(_event: dict) -> None:

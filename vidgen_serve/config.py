@@ -191,6 +191,14 @@ class ModelProfile(BaseModel):
     compile_backend: Literal["inductor", "aot_eager"] = Field(
         "inductor", description="torch.compile backend ('aot_eager' traces without code generation: CPU tests)."
     )
+    window_schedule: Literal["overlap", "shifted"] = Field(
+        "overlap",
+        description="How videos longer than one model window are denoised. 'overlap': windows overlap by "
+        "temporal_consistency's share and their predictions are blended (each overlapped frame is predicted "
+        "twice per step). 'shifted': every step partitions the video into windows that do not overlap, and "
+        "the partition's boundaries move by half a window from one step to the next, so each frame is "
+        "predicted once per step (the cost per second of video stays flat as videos get longer).",
+    )
     step_cache: StepCache = Field(
         "off",
         description="Default step caching of the denoiser through diffusers' cache hooks ('first_block' = "
@@ -255,6 +263,9 @@ class ModelProfile(BaseModel):
         if self.default_guidance_scale > self.max_guidance_scale:
             raise ValueError("default_guidance_scale exceeds max_guidance_scale")
         check_parallel(self)
+        if self.window_schedule == "shifted" and self.compile:
+            raise ValueError("window_schedule='shifted' with compile=true: shifted windows have lengths the "
+                             "compile warm-up does not cover (each would compile inside a request); use one")
         if self.weights == "random" and not (
             self.checkpoint.startswith("builtin:") or self.checkpoint in RANDOM_WEIGHTS_ARCHITECTURES
             or Path(self.checkpoint).is_dir()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -78,6 +78,12 @@ class GenerationPlan(BaseModel):
     latent_width: int
     windows: list[Window]
     overlap_latent_frames: int
+    window_schedule: Literal["overlap", "shifted"] = Field(
+        "overlap", description="'shifted': even steps use `windows`, odd steps `shifted_windows` (two tilings "
+        "with boundaries half a window apart, a small overlap each).")
+    shifted_windows: list[Window] = Field(
+        default_factory=list,
+        description="The odd steps' partition ('shifted' schedule): boundaries half a window from `windows`'.")
     # Output
     duration_s: float
     output_width: int
@@ -94,6 +100,17 @@ class GenerationPlan(BaseModel):
         description="The prompt schedule: the request's keyframes and the prompt's time directives, in time order.",
     )
     prompt_warnings: list[str] = Field(default_factory=list, description="What the prompt parser could not use.")
+
+    def windows_at(self, step: int) -> list[Window]:
+        """The windows denoising step `step` (0-based) runs."""
+        if self.window_schedule == "shifted" and self.shifted_windows and step % 2 == 1:
+            return self.shifted_windows
+        return self.windows
+
+    @property
+    def window_units(self) -> int:
+        """(step, window) units of the whole run: progress reports count these."""
+        return sum(len(self.windows_at(step)) for step in range(self.num_inference_steps))
 
     @property
     def window_tokens(self) -> int:
@@ -126,6 +143,7 @@ class GenerationPlan(BaseModel):
             "frames": self.num_frames,
             "latent": [self.latent_frames, self.latent_height, self.latent_width],
             "windows": [(w.start, w.end) for w in self.windows],
+            **({"shifted_windows": [(w.start, w.end) for w in self.shifted_windows]} if self.shifted_windows else {}),
             "window_prompts": [[(i, round(x, 4)) for i, x in w.prompt_weights] for w in self.windows],
             "output": f"{self.output_width}x{self.output_height}@{self.output_fps}",
             "output_frames": self.output_num_frames,
@@ -161,6 +179,31 @@ def sliding_windows(latent_frames: int, window: int, overlap: int) -> list[Windo
     starts = list(range(0, latent_frames - window, stride))
     starts.append(latent_frames - window)
     return [Window(start=s, end=s + window) for s in starts]
+
+
+def shifted_partitions(latent_frames: int, window: int, overlap: int) -> tuple[list[Window], list[Window]]:
+    """Two tilings of [0, latent_frames) by windows of at most `window` frames, neighbours
+    overlapping by `overlap` (even, small: a blend across the boundary, not a second prediction
+    of a third of the window).
+
+    The first cuts the video into the fewest near-equal pieces; the second cuts it at the
+    middles of the first's pieces (one piece more, half-length ones at the ends). Each piece
+    grows by `overlap / 2` frames into each neighbour. Alternating the two step by step, no
+    boundary stays in place for two steps in a row. A video of one window has one tiling (the
+    second is empty).
+    """
+    if latent_frames <= window:
+        return [Window(start=0, end=latent_frames)], []
+    half = overlap // 2
+    count = math.ceil(latent_frames / (window - 2 * half))
+    bounds = [round(i * latent_frames / count) for i in range(count + 1)]
+    middles = [(a + b) // 2 for a, b in zip(bounds, bounds[1:])]
+
+    def tiling(cuts: list[int]) -> list[Window]:
+        return [Window(start=max(0, a - half), end=min(latent_frames, b + half))
+                for a, b in zip(cuts, cuts[1:]) if b > a]
+
+    return tiling(bounds), tiling([0, *middles, latent_frames])
 
 
 def scale_to_long_side(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -246,15 +289,23 @@ def build_plan(
     if latent_frames is None:
         num_frames = native_frame_count(request.duration, profile.native_fps)
         latent_frames = (num_frames - 1) // VAE_TEMPORAL + 1
-        overlap = overlap_for(request.temporal_consistency, window_latent)
-        windows = [_with_prompts(w, profile.native_fps, schedule.times())
-                   for w in sliding_windows(latent_frames, window_latent, overlap)]
+        if profile.window_schedule == "shifted":
+            # A quarter of the overlapping schedule's overlap on each side of a boundary (at least one frame)
+            overlap = 2 * max(1, overlap_for(request.temporal_consistency, window_latent) // 4)
+            windows, shifted = shifted_partitions(latent_frames, window_latent, overlap)
+            shifted = [_with_prompts(w, profile.native_fps, schedule.times()) for w in shifted]
+        else:
+            overlap = overlap_for(request.temporal_consistency, window_latent)
+            windows = sliding_windows(latent_frames, window_latent, overlap)
+        windows = [_with_prompts(w, profile.native_fps, schedule.times()) for w in windows]
     else:
         if not 1 <= latent_frames <= window_latent:
             raise ValueError(f"latent_frames={latent_frames}: must be 1..{window_latent} (one model window)")
         num_frames = VAE_TEMPORAL * (latent_frames - 1) + 1
         overlap = 0
         windows = [Window(start=0, end=latent_frames)]
+    if profile.window_schedule != "shifted" or latent_frames <= window_latent:
+        shifted = []
     out_w, out_h = output_size(request.resolution, request.aspect)
     if request.seed is not None:
         seed = request.seed
@@ -279,6 +330,8 @@ def build_plan(
         latent_width=native_w // VAE_SPATIAL,
         windows=windows,
         overlap_latent_frames=overlap,
+        window_schedule="shifted" if shifted else "overlap",
+        shifted_windows=shifted,
         duration_s=request.duration,
         output_width=out_w,
         output_height=out_h,

@@ -48,13 +48,16 @@ def transformer_flops(config: Any, latent_frames: int, latent_height: int, laten
 
 
 def plan_step_flops(config: Any, plan: Any) -> float:
-    """FLOPs of one denoising step of a plan: every window, batched with CFG when guidance is on."""
+    """FLOPs of one denoising step of a plan: every window, batched with CFG when guidance is on
+    (a shifted schedule's two partitions averaged: the steps alternate between them)."""
     batch = 2 if plan.guidance_scale > 1.0 else 1
     per_length: dict[int, float] = {}
+    partitions = [plan.windows] + ([plan.shifted_windows] if getattr(plan, "shifted_windows", None) else [])
     total = 0.0
-    for window in plan.windows:
-        if window.length not in per_length:
-            per_length[window.length] = transformer_flops(config, window.length, plan.latent_height,
-                                                          plan.latent_width, batch)["total"]
-        total += per_length[window.length]
-    return total
+    for windows in partitions:
+        for window in windows:
+            if window.length not in per_length:
+                per_length[window.length] = transformer_flops(config, window.length, plan.latent_height,
+                                                              plan.latent_width, batch)["total"]
+            total += per_length[window.length]
+    return total / len(partitions)

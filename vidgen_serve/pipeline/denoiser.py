@@ -4,7 +4,9 @@ Long videos are denoised as overlapping windows of the model's native length. At
 step each window predicts the noise of its own frames, the predictions are blended in
 latent space with weights that ramp across the overlaps, and one scheduler step moves
 the whole latent video. All windows share one noise tensor, so overlapping frames
-start from the same noise and seams stay continuous.
+start from the same noise and seams stay continuous. With the profile's
+`window_schedule: shifted`, each step's windows tile the video with a small overlap instead,
+and the tiling alternates between two whose boundaries are half a window apart.
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ class Denoiser:
         raise ValueError(f"step_cache={mode!r}; valid: off, first_block, taylorseer")
 
     @contextlib.contextmanager
-    def step_cache(self, run: "DenoiseRun", window: int) -> Iterator[None]:
+    def step_cache(self, run: "DenoiseRun", window: int | str) -> Iterator[None]:
         """The transformer as `run` wants it for one window's call: with its step-cache hooks, or plain.
 
         Hooks are diffusers' cache hooks (`enable_cache`), put on for the run that uses them and
@@ -293,19 +295,23 @@ class DenoiseRun:
         self.uncond = None
         if embeddings.negative_prompt_embeds is not None and plan.guidance_scale > 1.0:
             self.uncond = embeddings.negative_prompt_embeds.to(device, dtype)
+        # The steps' window partitions: one ('overlap'), or two alternating ('shifted', no overlap).
+        self.partitions = [plan.windows] + ([plan.shifted_windows] if plan.shifted_windows else [])
         # Each window's conditioning: its prompt's row, or across a keyframe the weighted sum of its prompts' rows
-        self.window_conds = [window_condition(self.conds, win.prompt_weights) for win in plan.windows]
+        self.partition_conds = [[window_condition(self.conds, win.prompt_weights) for win in part]
+                                for part in self.partitions]
         # 2. Timesteps (a fresh scheduler per run: schedulers keep per-run state)
         template = denoiser.scheduler_template
         self.scheduler = template.__class__.from_config(template.config)
         self.scheduler.set_timesteps(plan.num_inference_steps, device=device)
         self.scheduler.set_begin_index(0)
         self.timesteps = self.scheduler.timesteps
-        # 3. Initial latents for the whole video, and the windows' blend weights
+        # 3. Initial latents for the whole video, and each partition's windows' blend weights
         self._latents = initial_noise(plan, denoiser.in_channels).to(device)
-        self.weights = [
-            w.to(device).view(1, 1, -1, 1, 1)
-            for w in window_weights(plan.windows, plan.overlap_latent_frames, plan.temporal_consistency)
+        self.partition_weights = [
+            [w.to(device).view(1, 1, -1, 1, 1)
+             for w in window_weights(part, plan.overlap_latent_frames, plan.temporal_consistency)]
+            for part in self.partitions
         ]
         self.step = 0  # steps completed
         self.window = 0  # windows of the current step completed
@@ -325,22 +331,26 @@ class DenoiseRun:
         """
         # 4. One window of one denoising step
         plan, t = self.plan, self.timesteps[self.step]
-        win, w = plan.windows[self.window], self.weights[self.window]
-        cond = self.window_conds[self.window]
+        part = self.step % len(self.partitions)
+        windows = self.partitions[part]
+        win, cond = windows[self.window], self.partition_conds[part][self.window]
         self.denoiser.styles.activate(plan.style)  # a no-op unless another run switched or evicted it
-        with self.denoiser.step_cache(self, self.window):
+        # Cache state per window (a shifted schedule's windows recur every other step)
+        cache_key = self.window if part == 0 else f"shifted-{self.window}"
+        with self.denoiser.step_cache(self, cache_key):
             pred = self.denoiser._predict(self._latents[:, :, win.start : win.end], t, cond, self.uncond,
                                           plan.guidance_scale)
         event = {"step": self.step + 1, "steps": len(self.timesteps), "window": self.window + 1,
-                 "windows": len(plan.windows)}
-        if len(plan.windows) == 1:
+                 "windows": len(windows)}
+        if len(windows) == 1:
             noise_pred = pred
         else:
+            w = self.partition_weights[part][self.window]
             self._noise_pred[:, :, win.start : win.end] += pred * w
             self._weight_sum[:, :, win.start : win.end] += w
             noise_pred = None
         self.window += 1
-        if self.window == len(plan.windows):
+        if self.window == len(windows):
             # 5. Blend the windows' predictions and step the whole latent video
             if noise_pred is None:
                 noise_pred = self._noise_pred / self._weight_sum
