@@ -303,6 +303,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # agents) share its process group, so stopping the group stops all of them.
         proc = subprocess.Popen([serve_bin, "run", str(path)], env=env, start_new_session=True)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        # Ctrl-C / SIGINT stops the service even where this process was started with SIGINT ignored
+        # (a background job of a non-interactive shell): Python then installs no handler of its own.
+        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return proc.wait()
         except KeyboardInterrupt:
@@ -311,6 +314,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         finally:
             _stop_group(proc)
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
