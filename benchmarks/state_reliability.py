@@ -25,12 +25,12 @@ tests/serving/test_reliability.py.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import socket
 import statistics
 import subprocess
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -79,12 +79,44 @@ class RedisServer:
             self.proc.wait(timeout=30)
 
 
+async def load(base: str, job_ids: list[str], seconds: float) -> tuple[int, list[int]]:
+    """The load run's traffic for `seconds`: 4 pollers of `job_ids` as fast as answers come, and 2
+    sync generations one after the other. aiohttp on one event loop: the client shares the cores
+    with the service, and a thread pool of httpx clients spent a large share of them itself.
+    Returns (polls answered, the sync calls' statuses)."""
+    import aiohttp
+
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession(base_url=base, headers=AUTH,
+                                     timeout=aiohttp.ClientTimeout(total=600)) as session:
+        async def poll() -> int:
+            n = 0
+            while time.monotonic() < deadline:
+                for job_id in job_ids:
+                    async with session.get(f"/v1/video/jobs/{job_id}") as r:
+                        await r.read()
+                    n += 1
+            return n
+
+        async def sync() -> list[int]:
+            codes = []
+            for _ in range(2):
+                async with session.post("/v1/video/generate", json=SMALL) as r:
+                    await r.read()
+                    codes.append(r.status)
+            return codes
+
+        results = await asyncio.gather(*(poll() for _ in range(4)), sync())
+    return sum(results[:4]), results[4]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=12, help="async jobs in the load run")
     parser.add_argument("--load-s", type=float, default=20, help="seconds of polling load")
-    parser.add_argument("--worker-niceness", type=int, nargs="+", default=[-1],
-                        help="Ray's worker_niceness (-1: Ray's default, 15: every replica and the proxy run that much "
+    parser.add_argument("--worker-niceness", type=int, nargs="+", default=[0],
+                        help="Ray's worker_niceness (default 0, as `vidgen-serve serve` and k8s/base/env.yaml start "
+                        "Ray; -1: Ray's default, 15: every replica and the proxy run that much "
                         "nicer than this process; 0: at this process's priority); several values: measured one after the other, each "
                         "on a fresh cluster")
     parser.add_argument("--stop-after", choices=("1", "2a", "2b", "3"), default="3",
@@ -166,24 +198,7 @@ def run_once(args, worker_niceness: int) -> None:
             mine = [client.post("/v1/video/jobs", json={**SMALL, "seed": seed0 + i}, headers=AUTH).json()["job_id"]
                     for i in range(args.jobs)]
             ids.extend(mine)
-            stop = threading.Event()
-
-            def poll() -> int:
-                n = 0
-                while not stop.is_set():
-                    for job_id in mine:
-                        client.get(f"/v1/video/jobs/{job_id}", headers=AUTH)
-                        n += 1
-                return n
-
-            with ThreadPoolExecutor(5) as pool:
-                pollers = [pool.submit(poll) for _ in range(4)]
-                sync = pool.submit(lambda: [client.post("/v1/video/generate", json=SMALL, headers=AUTH).status_code
-                                            for _ in range(2)])
-                time.sleep(args.load_s)
-                sync_codes = sync.result()
-                stop.set()
-                polls = sum(p.result() for p in pollers)
+            polls, sync_codes = asyncio.run(load(base, mine, args.load_s))
             lag = client.get("/v1/admin/event-loop", headers=admin).json()
             print(f"(2{label}) load run: {args.jobs} jobs, {polls} polls, sync {sync_codes} over "
                   f"{lag['window_s']:.0f} s: longest event-loop stall {lag['max_lag_s'] * 1000:.1f} ms over "

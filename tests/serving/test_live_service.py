@@ -119,7 +119,8 @@ def test_slow_primary_fails_over_to_standby_and_back(drill_config):
 
 def test_failing_primary_loses_no_request_and_trips_the_router(drill_config):
     """error_rate=1 on the primary: each failed call is retried on the standby (200 for the
-    client) and counts as a breach, so the 3rd error in a row fails the router over."""
+    client) and counts as a breach, so the 3rd breach in a row (errors, or a slow call just before)
+    fails the router over."""
     import httpx
 
     from vidgen_serve.drill import deploy_config, with_faults
@@ -129,6 +130,8 @@ def test_failing_primary_loses_no_request_and_trips_the_router(drill_config):
     before = httpx.get(f"{base_url}/v1/admin/router", headers=admin, timeout=30).json()
     assert before["active"] == "primary", before
     errors_before = before["targets"]["primary"]["errors"]
+    # A slow call just before (a loaded machine) may already have started a streak of breaches.
+    streak_before = before["targets"]["primary"]["consecutive_breaches"]
 
     deploy_config(with_faults(config, "Denoiser", error_rate=1.0), dashboard)
     try:
@@ -138,8 +141,10 @@ def test_failing_primary_loses_no_request_and_trips_the_router(drill_config):
         assert all(r.headers["x-vidgen-denoiser"] == "standby" for r in responses)
         after = httpx.get(f"{base_url}/v1/admin/router", headers=admin, timeout=30).json()
         assert after["active"] == "standby", after
-        # 3 failed live calls (probes of the broken primary may add more once failed over)
-        assert after["targets"]["primary"]["errors"] - errors_before >= 3, after["targets"]["primary"]
+        # Failed live calls completed the streak of 3 breaches (probes of the broken primary may add
+        # more errors once failed over)
+        errors = after["targets"]["primary"]["errors"] - errors_before
+        assert errors >= max(1, 3 - streak_before), (streak_before, after["targets"]["primary"])
         assert after["switches"][-1]["kind"] == "failover"
     finally:
         deploy_config(config, dashboard)
