@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -27,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("VIDGEN_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"vidgen-test-cache-{os.getuid()}"))
+
+from vidgen_serve.net import find_free_port  # noqa: E402 - after the environment is set
 
 REQUEST = {"prompt": "a sailing boat on a calm sea at sunset", "style": "realistic", "duration": 5,
            "resolution": "480p", "seed": 1234}
@@ -144,9 +145,7 @@ def main() -> None:
 
     from vidgen_serve.serve import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = find_free_port()
     state = tempfile.mkdtemp(prefix="vidgen-bench-")
     # Ray renices its workers by `worker_niceness` (15 by default): on a machine shared with other work the
     # served stages would then run at a lower priority than the in-process baseline (this process).

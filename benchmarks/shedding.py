@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import tempfile
 import time
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("VIDGEN_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"vidgen-test-cache-{os.getuid()}"))
+
+from vidgen_serve.net import find_free_port  # noqa: E402 - after the environment is set
 
 REQUEST = {"prompt": "a paper boat on a rainy street", "duration": 1, "resolution": "480p",
            "num_inference_steps": 4}
@@ -145,8 +146,6 @@ async def client_floor(kind: str, n: int, rounds: int) -> list[float]:
     the client and HTTP on this machine cost by themselves, with the same burst."""
     import subprocess
     import sys
-
-    from vidgen_serve.net import find_free_port
 
     port = find_free_port()
     app = ("from fastapi import FastAPI\napp = FastAPI()\n@app.get('/healthz')\n"
@@ -275,9 +274,7 @@ def main() -> None:
         label = (f"worker_niceness={'ray default' if worker_nice is None else worker_nice}, "
                  f"stage_nice={stage_nice}")
         print(f"=== {label}")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = find_free_port()
         system = {} if worker_nice is None else {"worker_niceness": worker_nice}
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=system)
         try:

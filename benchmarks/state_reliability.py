@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -37,17 +36,13 @@ from concurrent.futures import ThreadPoolExecutor
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("VIDGEN_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"vidgen-test-cache-{os.getuid()}"))
 
+from vidgen_serve.net import find_free_port  # noqa: E402 - after the environment is set
+
 KEY, ADMIN = "bench-key", "bench-admin"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SMALL = {"prompt": "a lighthouse at dusk", "duration": 1, "resolution": "480p", "num_inference_steps": 2}
 HEAVY = {"prompt": "a sailing boat on a calm sea", "duration": 5, "resolution": "480p", "num_inference_steps": 20}
 INFLIGHT = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -57,7 +52,7 @@ def pct(values: list[float], q: float) -> float:
 
 class RedisServer:
     def __init__(self, workdir: str):
-        self.port, self.dir, self.proc = free_port(), workdir, None
+        self.port, self.dir, self.proc = find_free_port(), workdir, None
 
     def start(self) -> None:
         import redis
@@ -140,7 +135,7 @@ def run_once(args, worker_niceness: int) -> None:
     work = tempfile.mkdtemp(prefix="vidgen-reliability-")
     redis_server = RedisServer(work)
     redis_server.start()
-    port = free_port()
+    port = find_free_port()
     base = f"http://127.0.0.1:{port}"
     print(f"machine: {os.cpu_count()} CPU cores; redis on :{redis_server.port}; service on :{port}")
     system = {} if worker_niceness < 0 else {"worker_niceness": worker_niceness}
