@@ -231,6 +231,21 @@ def test_tp2_applies_motion_and_seam_controls_like_tp1(group, tp2_config, checkp
     assert (ref - plain).abs().max().item() > 0.1  # the controls did change the latents
 
 
+def test_tp2_runs_the_shifted_window_schedule_like_tp1(group, tp2_config, checkpoint, pipeline):
+    """A plan with `window_schedule: shifted` (two alternating tilings): the ranks run each step's
+    tiling, report its window count, and end where one process does."""
+    shifted = AppConfig(profile_overrides={"window_schedule": "shifted"})
+    plan = build_plan(parse_request({"prompt": PROMPT, "duration": 8, "resolution": "480p", "seed": 7}), shifted)
+    assert plan.shifted_windows and len(plan.shifted_windows) == len(plan.windows) + 1
+    emb = pipeline.text_encoder.encode(plan)
+    ref = pipeline.denoiser.denoise(plan, emb)
+    events = []
+    latents = _healthy(group, tp2_config, checkpoint).denoise(plan, emb, progress=events.append)
+    assert len(events) == plan.window_units
+    assert [e["windows"] for e in events] == [len(plan.windows_at(e["step"] - 1)) for e in events]
+    assert (latents - ref).abs().max().item() <= LATENT_ATOL
+
+
 def test_step_by_step_run_interface(group, tp2_config, checkpoint, references):
     plan, emb, ref_latents, _ = references[8]
     g = _healthy(group, tp2_config, checkpoint)

@@ -21,7 +21,12 @@ before = os.getpriority(os.PRIO_PROCESS, 0)
 applied = lower_cpu_priority(types.SimpleNamespace(stage_nice=int(os.environ["STAGE_NICE"])))
 late = {}
 t2 = threading.Thread(target=lambda: late.update(n=os.getpriority(os.PRIO_PROCESS, 0))); t2.start(); t2.join()
-nices = sorted({os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir("/proc/self/task")})
+def nice_of(tid):
+    try:
+        return os.getpriority(os.PRIO_PROCESS, int(tid))
+    except ProcessLookupError:  # a thread that has just ended (t2 lingers in /proc a moment after join)
+        return None
+nices = sorted({n for n in map(nice_of, os.listdir("/proc/self/task")) if n is not None})
 print(json.dumps({"before": before, "applied": applied, "threads": nices, "new_thread": late["n"]}))
 stop.set()
 """
