@@ -18,11 +18,13 @@ Traffic goes to 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("VIDGEN_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"vidgen-test-cache-{os.getuid()}"))
@@ -43,7 +45,11 @@ def fmt(timings: dict[str, float]) -> str:
     return "  ".join(f"{k}={timings[k] * 1000:7.0f}ms" for k in STAGES if k in timings)
 
 
-def in_process(runs: int, threads: int | None) -> dict[str, float]:
+@contextlib.contextmanager
+def warm_pipeline(threads: int | None) -> Iterator[Callable[[str], dict[str, float]]]:
+    """A loaded, warmed-up in-process `VideoPipeline` at `threads` torch threads (None: torch's
+    default), as `generate(name) -> timings` of the benchmark's request; the thread count is put
+    back afterwards."""
     import torch
 
     from vidgen_serve.config import AppConfig
@@ -57,10 +63,20 @@ def in_process(runs: int, threads: int | None) -> dict[str, float]:
         pipe = VideoPipeline(AppConfig())
         request = VideoRequest(**REQUEST)
         with tempfile.TemporaryDirectory() as tmp:
-            pipe.generate(request, os.path.join(tmp, "warm.mp4"))
-            samples = [pipe.generate(request, os.path.join(tmp, f"{i}.mp4")).timings for i in range(runs)]
+            def generate(name: str) -> dict[str, float]:
+                return pipe.generate(request, os.path.join(tmp, f"{name}.mp4")).timings
+
+            generate("warm")
+            yield generate
     finally:
         torch.set_num_threads(default_threads)
+
+
+def in_process(runs: int, threads: int | None) -> dict[str, float]:
+    import torch
+
+    with warm_pipeline(threads) as generate:
+        samples = [generate(str(i)) for i in range(runs)]
     result = {k: p50([s[k] for s in samples]) for k in STAGES}
     print(f"in-process (torch threads={torch.get_num_threads() if not threads else threads}): p50 {fmt(result)}")
     return result
@@ -69,37 +85,22 @@ def in_process(runs: int, threads: int | None) -> dict[str, float]:
 def paired(call, pairs: int) -> list[float]:
     """HTTP minus in-process seconds for the same request, measured back to back `pairs` times
     (the order alternates: drift of the machine's speed cancels out of each difference)."""
-    import torch
+    with warm_pipeline(1) as generate:
+        def local(i: int) -> float:
+            t0 = time.perf_counter()
+            generate(str(i))
+            return time.perf_counter() - t0
 
-    from vidgen_serve.config import AppConfig
-    from vidgen_serve.pipeline import VideoPipeline
-    from vidgen_serve.request import VideoRequest
-
-    default_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pipe = VideoPipeline(AppConfig())
-        request = VideoRequest(**REQUEST)
-        with tempfile.TemporaryDirectory() as tmp:
-            pipe.generate(request, os.path.join(tmp, "warm.mp4"))
-
-            def local(i: int) -> float:
-                t0 = time.perf_counter()
-                pipe.generate(request, os.path.join(tmp, f"{i}.mp4"))
-                return time.perf_counter() - t0
-
-            diffs = []
-            for i in range(pairs):
-                if i % 2 == 0:
-                    t_local = local(i)
-                    t_http = call()[0]
-                else:
-                    t_http = call()[0]
-                    t_local = local(i)
-                diffs.append(t_http - t_local)
-        return diffs
-    finally:
-        torch.set_num_threads(default_threads)
+        diffs = []
+        for i in range(pairs):
+            if i % 2 == 0:
+                t_local = local(i)
+                t_http = call()[0]
+            else:
+                t_http = call()[0]
+                t_local = local(i)
+            diffs.append(t_http - t_local)
+    return diffs
 
 
 def parse_server_timing(header: str) -> dict[str, float]:

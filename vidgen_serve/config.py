@@ -195,9 +195,9 @@ class ModelProfile(BaseModel):
         "overlap",
         description="How videos longer than one model window are denoised. 'overlap': windows overlap by "
         "temporal_consistency's share and their predictions are blended (each overlapped frame is predicted "
-        "twice per step). 'shifted': every step partitions the video into windows that do not overlap, and "
-        "the partition's boundaries move by half a window from one step to the next, so each frame is "
-        "predicted once per step (the cost per second of video stays flat as videos get longer).",
+        "twice per step). 'shifted': every step tiles the video with windows that overlap by only 2-4 latent "
+        "frames, alternating between two tilings whose boundaries are half a window apart, so a frame is "
+        "predicted about once per step (the cost per second of video stays flat as videos get longer).",
     )
     step_cache: StepCache = Field(
         "off",

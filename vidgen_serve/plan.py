@@ -78,12 +78,10 @@ class GenerationPlan(BaseModel):
     latent_width: int
     windows: list[Window]
     overlap_latent_frames: int
-    window_schedule: Literal["overlap", "shifted"] = Field(
-        "overlap", description="'shifted': even steps use `windows`, odd steps `shifted_windows` (two tilings "
-        "with boundaries half a window apart, a small overlap each).")
     shifted_windows: list[Window] = Field(
         default_factory=list,
-        description="The odd steps' partition ('shifted' schedule): boundaries half a window from `windows`'.")
+        description="The 'shifted' schedule's odd steps' tiling, boundaries half a window from `windows`' (even "
+        "steps); empty: every step runs `windows`.")
     # Output
     duration_s: float
     output_width: int
@@ -101,11 +99,20 @@ class GenerationPlan(BaseModel):
     )
     prompt_warnings: list[str] = Field(default_factory=list, description="What the prompt parser could not use.")
 
+    @property
+    def window_schedule(self) -> Literal["overlap", "shifted"]:
+        """'shifted' when the steps alternate between two tilings (`shifted_windows`), else 'overlap'."""
+        return "shifted" if self.shifted_windows else "overlap"
+
+    @property
+    def tilings(self) -> list[list[Window]]:
+        """The window lists the steps cycle through: `[windows]`, or `[windows, shifted_windows]`."""
+        return [self.windows, self.shifted_windows] if self.shifted_windows else [self.windows]
+
     def windows_at(self, step: int) -> list[Window]:
         """The windows denoising step `step` (0-based) runs."""
-        if self.window_schedule == "shifted" and self.shifted_windows and step % 2 == 1:
-            return self.shifted_windows
-        return self.windows
+        tilings = self.tilings
+        return tilings[step % len(tilings)]
 
     @property
     def window_units(self) -> int:
@@ -286,6 +293,7 @@ def build_plan(
     if max_side_px is not None:
         native_w, native_h = scale_to_long_side(native_w, native_h, max_side_px)
     window_latent = (profile.max_window_frames - 1) // VAE_TEMPORAL + 1
+    shifted: list[Window] = []
     if latent_frames is None:
         num_frames = native_frame_count(request.duration, profile.native_fps)
         latent_frames = (num_frames - 1) // VAE_TEMPORAL + 1
@@ -293,19 +301,17 @@ def build_plan(
             # A quarter of the overlapping schedule's overlap on each side of a boundary (at least one frame)
             overlap = 2 * max(1, overlap_for(request.temporal_consistency, window_latent) // 4)
             windows, shifted = shifted_partitions(latent_frames, window_latent, overlap)
-            shifted = [_with_prompts(w, profile.native_fps, schedule.times()) for w in shifted]
         else:
             overlap = overlap_for(request.temporal_consistency, window_latent)
             windows = sliding_windows(latent_frames, window_latent, overlap)
-        windows = [_with_prompts(w, profile.native_fps, schedule.times()) for w in windows]
+        windows, shifted = ([_with_prompts(w, profile.native_fps, schedule.times()) for w in tiling]
+                            for tiling in (windows, shifted))
     else:
         if not 1 <= latent_frames <= window_latent:
             raise ValueError(f"latent_frames={latent_frames}: must be 1..{window_latent} (one model window)")
         num_frames = VAE_TEMPORAL * (latent_frames - 1) + 1
         overlap = 0
         windows = [Window(start=0, end=latent_frames)]
-    if profile.window_schedule != "shifted" or latent_frames <= window_latent:
-        shifted = []
     out_w, out_h = output_size(request.resolution, request.aspect)
     if request.seed is not None:
         seed = request.seed
@@ -330,7 +336,6 @@ def build_plan(
         latent_width=native_w // VAE_SPATIAL,
         windows=windows,
         overlap_latent_frames=overlap,
-        window_schedule="shifted" if shifted else "overlap",
         shifted_windows=shifted,
         duration_s=request.duration,
         output_width=out_w,

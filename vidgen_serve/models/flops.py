@@ -52,7 +52,7 @@ def plan_step_flops(config: Any, plan: Any) -> float:
     (a shifted schedule's two partitions averaged: the steps alternate between them)."""
     batch = 2 if plan.guidance_scale > 1.0 else 1
     per_length: dict[int, float] = {}
-    partitions = [plan.windows] + ([plan.shifted_windows] if getattr(plan, "shifted_windows", None) else [])
+    partitions = plan.tilings
     total = 0.0
     for windows in partitions:
         for window in windows:

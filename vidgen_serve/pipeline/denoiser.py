@@ -295,8 +295,8 @@ class DenoiseRun:
         self.uncond = None
         if embeddings.negative_prompt_embeds is not None and plan.guidance_scale > 1.0:
             self.uncond = embeddings.negative_prompt_embeds.to(device, dtype)
-        # The steps' window partitions: one ('overlap'), or two alternating ('shifted', no overlap).
-        self.partitions = [plan.windows] + ([plan.shifted_windows] if plan.shifted_windows else [])
+        # The steps' window lists: one ('overlap'), or two alternating tilings ('shifted')
+        self.partitions = plan.tilings
         # Each window's conditioning: its prompt's row, or across a keyframe the weighted sum of its prompts' rows
         self.partition_conds = [[window_condition(self.conds, win.prompt_weights) for win in part]
                                 for part in self.partitions]
