@@ -1,6 +1,7 @@
 """Load shedding: how fast an over-capacity sync request gets its 429, next to accepted ones.
 
-Starts the application on a local Ray cluster (tiny profile, 127.0.0.1 only), then sends
+Starts the application on a local Ray cluster (tiny profile, 127.0.0.1 only) once per front door
+(`--ingress`: Ray Serve's HAProxy ingress, as shipped, and Serve's Python proxy), then sends
 `--rounds` bursts of `--factor` x `max_inflight_sync` concurrent `POST /v1/video/generate`
 (12 x 4 = 48 by default). Per round, the requests over capacity must get 429 + Retry-After
 at once while the accepted ones generate. Printed, side by side from the same run:
@@ -13,13 +14,15 @@ at once while the accepted ones generate. Printed, side by side from the same ru
 
 Bounded: `--rounds` bursts (default 3) and a wall-clock cap (`--max-seconds`).
 
-    .venv/bin/python benchmarks/shedding.py [--rounds 3] [--factor 12] [--max-inflight 4] [--variants ray:0 0:0 0:10]
+    .venv/bin/python benchmarks/shedding.py [--rounds 3] [--factor 12] [--max-inflight 4] [--ingress haproxy proxy]
+        [--variants 0:10 ray:10]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import statistics
 import tempfile
@@ -28,7 +31,8 @@ import time
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("VIDGEN_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"vidgen-test-cache-{os.getuid()}"))
 
-from vidgen_serve.net import find_free_port  # noqa: E402 - after the environment is set
+from vidgen_serve.front_door import INGRESS_KINDS, ingress_env  # noqa: E402 - after the environment is set
+from vidgen_serve.net import find_free_port  # noqa: E402
 
 REQUEST = {"prompt": "a paper boat on a rainy street", "duration": 1, "resolution": "480p",
            "num_inference_steps": 4}
@@ -242,10 +246,14 @@ def main() -> None:
     parser.add_argument("--lone", type=int, default=3, help="lone accepted requests for the baseline")
     parser.add_argument("--floor", type=int, default=4, help="GET /healthz sent with each burst")
     parser.add_argument("--max-seconds", type=float, default=300, help="stop starting rounds after this long")
-    parser.add_argument("--variants", nargs="+", default=["ray:10"],
+    parser.add_argument("--ingress", nargs="+", choices=INGRESS_KINDS, default=list(INGRESS_KINDS),
+                        help="front doors measured one after the other in this run, each on a fresh local cluster "
+                        "(default: both, HAProxy first)")
+    parser.add_argument("--variants", nargs="+", default=["0:10"],
                         help="WORKER_NICENESS:STAGE_NICE pairs measured one after the other in this run, each on a "
                         "fresh local cluster: WORKER_NICENESS is Ray's worker_niceness ('ray' = Ray's default, 15), "
-                        "STAGE_NICE the service's stage_nice. E.g. ray:0 0:0 0:10")
+                        "STAGE_NICE the service's stage_nice (default 0:10, as `vidgen-serve serve` runs). "
+                        "E.g. ray:0 0:0 0:10")
     parser.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp",
                         help="HTTP client of the bursts (its own cost is measured too: 'client floor')")
     args = parser.parse_args()
@@ -270,12 +278,13 @@ def main() -> None:
           f"{args.factor} x max_inflight_sync {args.max_inflight} = {args.factor * args.max_inflight} concurrent; "
           f"this process's niceness {os.nice(0)}")
     results = {}
-    for worker_nice, stage_nice in variants:
-        label = (f"worker_niceness={'ray default' if worker_nice is None else worker_nice}, "
+    for front_door, (worker_nice, stage_nice) in itertools.product(args.ingress, variants):
+        label = (f"ingress={front_door}, worker_niceness={'ray default' if worker_nice is None else worker_nice}, "
                  f"stage_nice={stage_nice}")
         print(f"=== {label}")
         port = find_free_port()
         system = {} if worker_nice is None else {"worker_niceness": worker_nice}
+        os.environ.update(ingress_env(front_door, local=True))  # Ray's processes read it when they start
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=system)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})

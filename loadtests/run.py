@@ -38,6 +38,7 @@ import yaml
 from loadtests.common import check_target
 from loadtests.report import read_locust_csv, write_report
 from vidgen_serve.deploy.k8s import merge_config
+from vidgen_serve.front_door import INGRESS_KINDS, ingress_env
 from vidgen_serve.net import find_free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,8 +115,9 @@ class LocalService:
     """The serve config running on a private local Ray head; a context manager that always cleans up."""
 
     def __init__(self, config: dict, workdir: Path, num_cpus: int = 4, start_timeout_s: float = 600,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, ingress: str = "haproxy"):
         self.config = copy_config(config)
+        self.ingress = ingress
         self.extra_env = dict(env or {})
         self.workdir = workdir
         self.num_cpus = num_cpus
@@ -157,6 +159,7 @@ class LocalService:
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         env.pop("RAY_ADDRESS", None)
         env.setdefault("RAY_worker_niceness", "0")  # as `vidgen-serve serve` and k8s/base/env.yaml
+        env.update(ingress_env(self.ingress, local=True))  # the front door, as `vidgen-serve serve --ingress`
         env.update(self.extra_env)
         ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
         cmd = [ray_bin, "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
@@ -434,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=os.environ.get("VIDGEN_API_KEY"), help="with --url: the bearer key")
     parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url (a cluster you own)")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray head")
+    parser.add_argument("--ingress", choices=INGRESS_KINDS, default="haproxy",
+                        help="front door of the local service (as `vidgen-serve serve --ingress`)")
     args = parser.parse_args(argv)
 
     try:
@@ -456,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"starting the local service ({scenario.name}: {scenario.description}) ...", file=sys.stderr, flush=True)
         try:
-            with LocalService(config, out, env=scenario.ray_env) as service:
+            with LocalService(config, out, env=scenario.ray_env, ingress=args.ingress) as service:
                 print(f"ready at {service.url}; load for {scenario.load_s:.0f}s", file=sys.stderr, flush=True)
                 run, rows = measure(service.url, scenario, out, service.api_key,
                                     ReplicaSampler(service.dashboard_url, service.dashboard_headers()), minimums)

