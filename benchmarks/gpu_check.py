@@ -83,6 +83,7 @@ class Check:
         self.model_sizes = {} if (smoke or full) else {"wan2.1-14b": ["480p"]}
         self.peak_tflops: float | None = None
         self.options = set(SPEED_OPTIONS)
+        self.window_schedules = ["overlap"]  # profile_end_to_end's window schedules (--window-schedules)
 
     # -- device helpers --------------------------------------------------------------------
     def sync(self) -> None:
@@ -151,6 +152,30 @@ class Check:
         self.sync()
         steps = plan.num_inference_steps - warm_steps
         return run.latents(), (time.perf_counter() - t0) / steps
+
+
+@contextlib.contextmanager
+def _warm_up_log():
+    """The Denoiser's warm-up log lines (one per compiled shape, then the total), as a list filled while
+    inside; also printed to stderr as they come, so a run stopped mid-compile shows the shape it was on."""
+    import logging
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+            print(f"gpu_check: {record.getMessage()}", file=sys.stderr, flush=True)
+
+    logger = logging.getLogger("vidgen_serve.pipeline.denoiser")
+    handler, level = Collect(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _diff(a, b) -> dict:
@@ -293,13 +318,20 @@ def part_speed_options(check: Check, keep: dict) -> dict:
     from torch._dynamo.utils import counters
 
     backend = "aot_eager" if check.smoke else "inductor"
-    results["compile"], denoiser = (option(True, compile=True, compile_backend=backend) if "compile" in check.options
-                                    else ({"skipped": "not in --options"}, None))
+    with _warm_up_log() as warm_up_log:  # the Denoiser logs each warm-up shape's seconds
+        results["compile"], denoiser = (option(True, compile=True, compile_backend=backend)
+                                        if "compile" in check.options else ({"skipped": "not in --options"}, None))
     if denoiser is not None:
         graphs = counters["stats"]["unique_graphs"]
-        for request in ({"duration": 1}, {"duration": 1, "aspect": "1:1"}, {"duration": 1, "guidance_scale": 1.0}):
-            denoiser.denoise(check.plan(config, steps=1, **request), emb)
-        results["compile"].update(warm_up_s=denoiser.warm_up_seconds, backend=backend,
+        requests = {"1s_16:9_cfg": {"duration": 1}, "1s_1:1_cfg": {"duration": 1, "aspect": "1:1"},
+                    "1s_16:9_no_cfg": {"duration": 1, "guidance_scale": 1.0}}
+        per_request = {}
+        for name, request in requests.items():
+            before = counters["stats"]["unique_graphs"]
+            _, seconds = check.timed(denoiser.denoise, check.plan(config, steps=1, **request), emb)
+            per_request[name] = {"seconds": seconds, "compiles": counters["stats"]["unique_graphs"] - before}
+        results["compile"].update(warm_up_s=denoiser.warm_up_seconds, backend=backend, warm_up_log=warm_up_log,
+                                  plain_s_per_step=plain_s, requests=per_request,
                                   compiles_during_requests=counters["stats"]["unique_graphs"] - graphs)
         del denoiser
 
@@ -307,9 +339,10 @@ def part_speed_options(check: Check, keep: dict) -> dict:
     results["attention_backend"] = {name: option(True, attention_backend=name)[0] for name in backends}
 
     # Step caching over a whole run (the plain run at the same step count is the reference).
-    cache_plan = check.plan(config, steps=check.steps["cache"])
-    reference, reference_s = check.timed(plain.denoise, cache_plan, emb)
     results["step_cache"] = {}
+    if "step_cache" in check.options:
+        cache_plan = check.plan(config, steps=check.steps["cache"])
+        reference, reference_s = check.timed(plain.denoise, cache_plan, emb)
     for mode in ("off", "first_block", "taylorseer") if "step_cache" in check.options else ():
         latents, seconds = check.timed(plain.denoise, cache_plan.model_copy(update={"step_cache": mode}), emb)
         results["step_cache"][mode] = {"exact": mode == "off", "steps": cache_plan.num_inference_steps,
@@ -428,7 +461,12 @@ def part_tiny_end_to_end(check: Check, keep: dict) -> dict:
 
 
 def part_profile_end_to_end(check: Check, keep: dict) -> dict:
-    """The first model's profile through VideoPipeline with every control on; long ÷ short cost per second."""
+    """The first model's profile through VideoPipeline with every control on; long ÷ short cost per second.
+
+    Per window schedule of `check.window_schedules` (the profile field `window_schedule`; the plans
+    differ, the pipeline is the same): the short and the long video, and their ratios. The first
+    schedule's rows are also the top-level `short`, `long` and `long_over_short_per_second`.
+    """
     import subprocess
     import tempfile
 
@@ -443,12 +481,23 @@ def part_profile_end_to_end(check: Check, keep: dict) -> dict:
     pipeline, build_s = check.timed(VideoPipeline, config)
     controls = {"motion_intensity": 1.0, "color_palette": "warm", "camera_motion": "pan",
                 "temporal_consistency": 0.9, "negative_prompt": "blurry"}
-    short, long_ = (1, 3) if check.smoke else (5, 15)
+    short, long_ = (2, 6) if check.smoke else (5, 15)  # smoke: the long video spans two tiny windows
     results: dict = {"model": model, "build_s": build_s, "steps": 2, "controls": controls}
+
+    # The denoiser's final latents of each request, for the sanity figures (finite, spread)
+    denoise, last = pipeline.denoiser.denoise, {}
+
+    def keep_latents(*args, **kwargs):
+        last["latents"] = denoise(*args, **kwargs)
+        return last["latents"]
+
+    pipeline.denoiser.denoise = keep_latents
     with tempfile.TemporaryDirectory() as tmp:
-        def run(duration: float, name: str) -> dict:
-            plan = check.plan(config, steps=2, duration=duration, prompt="主体:熊猫;动作:吃竹子;场景:竹林",
-                              **controls)
+        def request(cfg, duration: float):
+            return check.plan(cfg, steps=2, duration=duration, prompt="主体:熊猫;动作:吃竹子;场景:竹林", **controls)
+
+        def run(plan, name: str) -> dict:
+            duration = plan.duration_s
             out = os.path.join(tmp, f"{name}.mp4")
             result, seconds = check.timed(pipeline.generate, plan, out)
             # The MP4 read back with the same ffmpeg binary (PyAV is a test extra, absent on GPU images).
@@ -456,17 +505,43 @@ def part_profile_end_to_end(check: Check, keep: dict) -> dict:
                                  capture_output=True, check=True).stdout
             w, h = plan.output_width, plan.output_height
             pixels = np.frombuffer(raw, dtype=np.uint8).reshape(-1, h, w, 3).astype(np.float32)
+            latents = last.pop("latents").float()
+            frame_std = pixels.reshape(len(pixels), -1).std(axis=1)
             return {"duration_s": duration, "seconds": seconds, "s_per_output_s": seconds / duration,
-                    "windows": len(plan.windows), "output_frames": len(pixels),
-                    "expected_frames": plan.output_num_frames, "size": f"{w}x{h}",
-                    "pixel_std": float(pixels.std()), "mp4_bytes": os.path.getsize(out),
-                    "timings": result.timings, "quality": result.quality}
+                    "denoise_s_per_output_s": result.timings["denoise"] / duration,
+                    "window_schedule": plan.window_schedule, "windows": len(plan.windows),
+                    "window_lengths": [[win.length for win in tiling] for tiling in plan.tilings],
+                    "output_frames": len(pixels), "expected_frames": plan.output_num_frames, "size": f"{w}x{h}",
+                    "pixel_mean": float(pixels.mean()), "pixel_std": float(pixels.std()),
+                    "min_frame_std": float(frame_std.min()),
+                    "mean_abs_frame_step": float(np.abs(np.diff(pixels, axis=0)).mean()) if len(pixels) > 1 else 0.0,
+                    "latents_finite": bool(latents.isfinite().all()), "latents_std": float(latents.std()),
+                    "mp4_bytes": os.path.getsize(out), "timings": result.timings, "quality": result.quality}
 
-        run(1, "warm")  # first call: kernels, caches
-        results["short"] = run(short, "short")
-        results["long"] = run(long_, "long")
+        run(request(config, 1), "warm")  # first call: kernels, caches
+        results["schedules"] = {}
+        plans: dict = {}
+        for schedule in check.window_schedules:
+            cfg = check.config(model, "480p", window_schedule=schedule)
+            rows: dict = {}
+            for case, duration in (("short", short), ("long", long_)):
+                plan = request(cfg, duration)
+                same = next((other for other in results["schedules"] if plans[other][case].tilings == plan.tilings),
+                            None)
+                if same is not None:  # the same windows as a schedule already run: the same computation
+                    rows[case] = {**results["schedules"][same][case], "same_plan_as": same}
+                else:
+                    rows[case] = run(plan, f"{schedule}-{case}")
+                plans.setdefault(schedule, {})[case] = plan
+            rows["long_over_short_per_second"] = rows["long"]["s_per_output_s"] / rows["short"]["s_per_output_s"]
+            rows["denoise_long_over_short_per_second"] = (rows["long"]["denoise_s_per_output_s"]
+                                                          / rows["short"]["denoise_s_per_output_s"])
+            results["schedules"][schedule] = rows
+    pipeline.denoiser.denoise = denoise
+    first = results["schedules"][check.window_schedules[0]]
+    results.update(short=first["short"], long=first["long"],
+                   long_over_short_per_second=first["long_over_short_per_second"])
     results["peak_mem_gib"] = check.peak_gib()
-    results["long_over_short_per_second"] = results["long"]["s_per_output_s"] / results["short"]["s_per_output_s"]
     results["goal_long_over_short"] = 1.15
     del pipeline
     return results
@@ -508,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON document to this file")
     parser.add_argument("--options", help=f"speed options to measure, a subset of: {', '.join(SPEED_OPTIONS)}")
     parser.add_argument("--full", action="store_true", help="every model at every resolution (the 14B at 720p too)")
+    parser.add_argument("--window-schedules", default="overlap",
+                        help="profile_end_to_end: window schedules to run, a subset of: overlap, shifted (the "
+                             "first one's rows are also the part's top-level rows)")
     args = parser.parse_args(argv)
     parts = PARTS if not args.parts else [p.strip() for p in args.parts.split(",")]
     unknown = sorted(set(parts) - set(PARTS))
@@ -523,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     check = Check(smoke=args.cpu_smoke, full=args.full)
     if args.options:
         check.options = {o.strip() for o in args.options.split(",")}
+    check.window_schedules = [w.strip() for w in args.window_schedules.split(",") if w.strip()]
+    if not check.window_schedules or set(check.window_schedules) - {"overlap", "shifted"}:
+        parser.error(f"--window-schedules: {args.window_schedules!r}; valid: overlap, shifted")
     report: dict = {"schema_version": 1, "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "errors": {}}
     keep: dict = {}

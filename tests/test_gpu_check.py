@@ -38,7 +38,8 @@ def report(tmp_path_factory):
     site = tmp_path_factory.mktemp("gpu-image-site")
     (site / "sitecustomize.py").write_text("import sys\nsys.modules.update(ray=None, deepspeed=None)\n")
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out)], capture_output=True,
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--window-schedules", "overlap,shifted",
+                           "--out", str(out)], capture_output=True,
                           text=True, timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads(proc.stdout) == json.loads(out.read_text())  # one JSON document on stdout, the same in --out
@@ -75,6 +76,8 @@ def test_exact_options_match_the_plain_path(report):
     compile_ = options["compile"]
     assert compile_["exact"] and compile_["rel_diff"] < 0.01
     assert compile_["warm_up_s"] > 0 and compile_["compiles_during_requests"] == 0
+    assert len(compile_["warm_up_log"]) == 4 and "took" in compile_["warm_up_log"][-1]  # three shapes, then the total
+    assert all(row["compiles"] == 0 for row in compile_["requests"].values())
     for name, row in options["attention_backend"].items():
         assert row["exact"] and row["rel_diff"] < 0.05, name
     assert options["step_cache"]["off"]["max_abs_diff"] == 0.0  # off is the plain path, bit for bit
@@ -120,3 +123,21 @@ def test_profile_end_to_end_with_every_control(report):
     assert e2e["long"]["windows"] >= e2e["short"]["windows"]
     ratio = e2e["long"]["s_per_output_s"] / e2e["short"]["s_per_output_s"]
     assert abs(e2e["long_over_short_per_second"] - ratio) < 1e-9
+
+
+def test_profile_end_to_end_window_schedules(report):
+    """--window-schedules overlap,shifted: the same pipeline with each schedule's plans; the short video is one
+    window under both (run once), the long one alternates two tilings under 'shifted'; every output sane."""
+    e2e = report["profile_end_to_end"]
+    overlap, shifted = e2e["schedules"]["overlap"], e2e["schedules"]["shifted"]
+    assert e2e["long"] == overlap["long"]  # the first schedule's rows are the top-level ones
+    assert shifted["short"]["same_plan_as"] == "overlap" and len(shifted["short"]["window_lengths"]) == 1
+    assert shifted["long"]["window_schedule"] == "shifted" and len(shifted["long"]["window_lengths"]) == 2
+    assert overlap["long"]["window_schedule"] == "overlap" and len(overlap["long"]["window_lengths"]) == 1
+    for rows in (overlap, shifted):
+        for case in ("short", "long"):
+            row = rows[case]
+            assert row["latents_finite"] and row["latents_std"] > 0.1, case
+            assert row["output_frames"] == row["expected_frames"] and row["min_frame_std"] > 1.0, case
+        ratio = rows["long"]["denoise_s_per_output_s"] / rows["short"]["denoise_s_per_output_s"]
+        assert abs(rows["denoise_long_over_short_per_second"] - ratio) < 1e-9
