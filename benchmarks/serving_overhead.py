@@ -29,7 +29,8 @@ from typing import Callable, Iterator
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("VIDGEN_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"vidgen-test-cache-{os.getuid()}"))
 
-from vidgen_serve.net import find_free_port  # noqa: E402 - after the environment is set
+from vidgen_serve.front_door import INGRESS_KINDS, ingress_env  # noqa: E402 - after the environment is set
+from vidgen_serve.net import find_free_port  # noqa: E402
 
 REQUEST = {"prompt": "a sailing boat on a calm sea at sunset", "style": "realistic", "duration": 5,
            "resolution": "480p", "seed": 1234}
@@ -122,6 +123,8 @@ def main() -> None:
     parser.add_argument("--worker-niceness", type=int, default=0,
                         help="Ray's worker_niceness for the served graph (default 0: the replicas run at this "
                         "process's priority, like the in-process baseline; -1: Ray's default, 15)")
+    parser.add_argument("--ingress", choices=INGRESS_KINDS, default="haproxy",
+                        help="front door of the served graph (default haproxy, as `vidgen-serve serve` runs)")
     parser.add_argument("--stage-nice", type=int, default=0,
                         help="the service's stage_nice (default 0 here: the stages run at the in-process baseline's "
                         "priority, a like-for-like comparison on a machine shared with other work)")
@@ -151,6 +154,7 @@ def main() -> None:
     # Ray renices its workers by `worker_niceness` (15 by default): on a machine shared with other work the
     # served stages would then run at a lower priority than the in-process baseline (this process).
     system = {} if args.worker_niceness < 0 else {"worker_niceness": args.worker_niceness}
+    os.environ.update(ingress_env(args.ingress, local=True))  # read by Ray's processes at start
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=system)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

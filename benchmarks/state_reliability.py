@@ -36,7 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("VIDGEN_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"vidgen-test-cache-{os.getuid()}"))
 
-from vidgen_serve.net import find_free_port  # noqa: E402 - after the environment is set
+from vidgen_serve.front_door import INGRESS_KINDS, ingress_env  # noqa: E402 - after the environment is set
+from vidgen_serve.net import find_free_port  # noqa: E402
 
 KEY, ADMIN = "bench-key", "bench-admin"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -114,6 +115,8 @@ def main() -> None:
                         "Ray; -1: Ray's default, 15: every replica and the proxy run that much "
                         "nicer than this process; 0: at this process's priority); several values: measured one after the other, each "
                         "on a fresh cluster")
+    parser.add_argument("--ingress", choices=INGRESS_KINDS, default="haproxy",
+                        help="front door of the served graph (default haproxy, as `vidgen-serve serve` runs)")
     parser.add_argument("--stop-after", choices=("1", "2a", "2b", "3"), default="3",
                         help="stop after this figure (e.g. 2a: the overload and held-generations figures only)")
     args = parser.parse_args()
@@ -139,6 +142,7 @@ def run_once(args, worker_niceness: int) -> None:
     base = f"http://127.0.0.1:{port}"
     print(f"machine: {os.cpu_count()} CPU cores; redis on :{redis_server.port}; service on :{port}")
     system = {} if worker_niceness < 0 else {"worker_niceness": worker_niceness}
+    os.environ.update(ingress_env(args.ingress, local=True))  # read by Ray's processes at start
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=system)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
