@@ -136,7 +136,19 @@ def test_sliding_windows_direct():
     assert [(w.start, w.end) for w in sliding_windows(5, 11, 3)] == [(0, 5)]
     assert [(w.start, w.end) for w in sliding_windows(11, 11, 3)] == [(0, 11)]
     assert [(w.start, w.end) for w in sliding_windows(12, 11, 3)] == [(0, 11), (1, 12)]
-    assert [(w.start, w.end) for w in sliding_windows(25, 11, 3)] == [(0, 11), (8, 19), (14, 25)]
+    assert [(w.start, w.end) for w in sliding_windows(25, 11, 3)] == [(0, 11), (7, 18), (14, 25)]
+    # 15 s at 16 fps (61 latent frames), windows of 21, overlap 8: the leftover frames go to every seam
+    # (overlaps 11), not to a last window that repeats 20 of the one before it (starts 0, 13, 26, 39, 40).
+    assert [w.start for w in sliding_windows(61, 21, 8)] == [0, 10, 20, 30, 40]
+    for latent_frames in range(22, 200):
+        for overlap in (1, 4, 8, 12, 20):
+            windows = sliding_windows(latent_frames, 21, overlap)
+            assert windows[0].start == 0 and windows[-1].end == latent_frames
+            assert all(w.length == 21 for w in windows)
+            seams = [a.end - b.start for a, b in zip(windows, windows[1:])]
+            assert min(seams) >= overlap and max(seams) - min(seams) <= 1, (latent_frames, overlap, seams)
+            # no more windows than the stride needs
+            assert len(windows) == -(-(latent_frames - 21) // (21 - overlap)) + 1
 
 
 def test_plan_carries_request_and_style():

@@ -177,14 +177,17 @@ def overlap_for(temporal_consistency: float, window_latent_frames: int) -> int:
 def sliding_windows(latent_frames: int, window: int, overlap: int) -> list[Window]:
     """Cover [0, latent_frames) with windows of `window` frames overlapping by >= `overlap`.
 
-    The last window is shifted back to end exactly at `latent_frames`, so every window has
-    the same length (the model's native one) and seams keep at least `overlap` frames.
+    As few windows as a stride of `window - overlap` needs, spread evenly from 0 to
+    `latent_frames - window`: every window has the same length (the model's native one), and the
+    frames left over by the stride go to every seam alike (e.g. 61 latent frames, windows of 21,
+    overlap 8: starts 0, 10, 20, 30, 40, overlaps 11) instead of a last window that repeats
+    almost all of the one before it (starts 0, 13, 26, 39, 40).
     """
     if latent_frames <= window:
         return [Window(start=0, end=latent_frames)]
-    stride = window - overlap
-    starts = list(range(0, latent_frames - window, stride))
-    starts.append(latent_frames - window)
+    span = latent_frames - window
+    gaps = math.ceil(span / (window - overlap))
+    starts = [round(i * span / gaps) for i in range(gaps + 1)]
     return [Window(start=s, end=s + window) for s in starts]
 
 

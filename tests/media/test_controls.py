@@ -259,7 +259,7 @@ def test_seam_ratio_on_output_frames(pipeline, probe_mp4, tmp_path):
 
     The tiny transformer's prediction for a frame barely depends on the window around it (windows
     disagree by ~0.1% of the prediction on their overlap), so the seam blend has little to hide here:
-    the ratio sits near 0.9-1.0 at every consistency (seed 7: 0.90, 0.96, 0.96, 0.95).
+    the ratio sits near 0.9-1.0 at every consistency (seed 7: 0.96, 0.95, 0.94, 0.95).
     """
     ratios, overlaps = {}, {}
     for consistency in (0.7, 0.85, 0.9, 1.0):
@@ -294,25 +294,30 @@ def text_driven_pipeline(tiny_config, checkpoint):
 @pytest.mark.slow
 def test_seam_ratio_falls_as_consistency_rises_when_windows_disagree(text_driven_pipeline, probe_mp4, tmp_path):
     """The seam ratio on output frames where seams exist: a keyframe prompt per window, a transformer
-    that follows it, low motion (so frames inside a window are alike and a seam stands out). The ratio
-    falls as temporal_consistency rises (more overlap, then a cosine ramp and deflicker) and is <= 1.2
-    at >= 0.9. Seed 7: 1.35, 1.07, 1.03, 0.91 (seed 11: 1.37, 1.07, 1.04, 0.87; seed 3: 1.29, 0.95,
-    0.91, 0.97, where the last two are below any seam and only differ by noise)."""
-    keyframes = [{"time_s": 3.4, "prompt": "a red fire truck in a night city"},
-                 {"time_s": 6.7, "prompt": "一只橘猫在樱花树下追逐蝴蝶"}]
+    that follows it, low motion (so frames inside a window are alike and a seam stands out). At 0.7 the
+    windows overlap by the nominal 2 latent frames and the seams stand out; from 0.85 up, more overlap
+    (more windows: the cost of consistency), then a cosine ramp and deflicker, put the seams at the
+    level of the frames inside a window. Seed 7: 1.49, 0.99, 0.98, 0.98."""
+    keyframes = [{"time_s": 4.7, "prompt": "a red fire truck in a night city"},
+                 {"time_s": 9.3, "prompt": "一只橘猫在樱花树下追逐蝴蝶"}]
     ratios = {}
     for consistency in (0.7, 0.85, 0.9, 1.0):
-        req = request(duration=10, fps=16, temporal_consistency=consistency, motion_intensity=0.1,
+        req = request(duration=14, fps=16, temporal_consistency=consistency, motion_intensity=0.1,
                       keyframes=keyframes)
         plan = text_driven_pipeline.plan(req)
-        assert len(plan.windows) == 3
-        # Each window is conditioned on the prompt in force over its frames: they differ.
-        assert len({tuple(w.prompt_weights) for w in plan.windows}) == 3, plan.windows
+        if consistency == 0.7:
+            # 29 latent frames: three windows of 11 at the nominal overlap of 2 exactly (no frames left over
+            # for the seams), each conditioned on the prompt in force over its frames: they differ.
+            assert [w.start for w in plan.windows] == [0, 9, 18], plan.windows
+            assert len({tuple(w.prompt_weights) for w in plan.windows}) == 3, plan.windows
+        else:
+            assert len(plan.windows) > 3, plan.windows  # more overlap: more windows
         result = text_driven_pipeline.generate(plan, tmp_path / f"kf-tc{consistency}.mp4")
         ratios[consistency] = seam_ratio(probe_mp4(result.path)["frames"], plan)
     assert ratios[0.7] > 1.2, ratios  # a seam stands out at the lowest consistency
-    assert ratios[0.7] > ratios[0.85] > ratios[0.9] > ratios[1.0], ratios
-    assert ratios[0.9] <= 1.2 and ratios[1.0] <= 1.2, ratios
+    # Above it, no seam stands out (within the noise of frame differences: their order is noise).
+    assert all(ratios[c] <= 1.1 for c in (0.85, 0.9, 1.0)), ratios
+    assert ratios[0.7] - max(ratios[c] for c in (0.85, 0.9, 1.0)) > 0.2, ratios
 
 
 def shifted_plan(**kw):
