@@ -247,3 +247,35 @@ def test_a_job_whose_plan_no_longer_validates_fails_with_a_reason(tmp_path):
         await store.close()
 
     asyncio.run(body())
+
+
+def test_stop_returns_when_a_tick_swallows_the_cancel(tmp_path):
+    """stop() ends the runner's loop even when the cancel lands in a store call that swallows it (a
+    client library retrying on CancelledError): the loop saw it as a finished tick and kept polling,
+    so stop() never returned (a replica's shutdown hung; seen about once in 12 in the two-replica test)."""
+    async def body():
+        settings = _settings(tmp_path)
+        store = settings.open_job_store()
+        await store.start()
+        inside, swallowed = asyncio.Event(), []
+        real_queue_depth = store.queue_depth
+
+        async def queue_depth():  # the tick's last store call, made when the heartbeat is due
+            inside.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed:  # only the first cancel is lost: without the fix stop() times out, not hangs
+                    raise
+                swallowed.append(True)  # ... and carries on as if nothing happened
+            return await real_queue_depth()
+
+        store.queue_depth = queue_depth
+        runner = JobRunner(store, HeldOrchestrator(), settings, poll_interval_s=0.01)
+        runner.start()
+        await asyncio.wait_for(inside.wait(), 30)
+        await asyncio.wait_for(runner.stop(), 10)
+        assert swallowed and runner._loop_task.done()
+        await store.close()
+
+    asyncio.run(body())

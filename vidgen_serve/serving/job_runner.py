@@ -63,6 +63,7 @@ class JobRunner:
         self._tasks: dict[str, asyncio.Task] = {}
         self._stop_reason: dict[str, str] = {}
         self._loop_task: asyncio.Task | None = None
+        self._stopping = False
         self._wake = asyncio.Event()
         self._last_beat = float("-inf")
         self._store_down_logged = False
@@ -71,11 +72,13 @@ class JobRunner:
 
     def start(self) -> None:
         """Start the loop on the running event loop (idempotent; restarts it if it died)."""
+        self._stopping = False
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
         """Stop the loop and this replica's running jobs (left `running` for recovery elsewhere)."""
+        self._stopping = True  # the loop also ends on this, should a library swallow the cancel
         tasks = [t for t in (self._loop_task, *self._tasks.values()) if t is not None]
         for task in tasks:
             task.cancel()
@@ -111,7 +114,10 @@ class JobRunner:
     # ---- the loop ------------------------------------------------------------------------
 
     async def _loop(self) -> None:
-        while True:
+        # Not `while True`: a cancel can be lost inside a tick (seen about 1 stop in 12 here: the task
+        # stayed `cancelling` and kept ticking, so stop() never returned), so the loop also ends on
+        # stop()'s flag, and on a cancel request still pending after a tick.
+        while not self._stopping:
             try:
                 await self.tick()
                 if self._store_down_logged:
@@ -123,6 +129,11 @@ class JobRunner:
                     self._store_down_logged = True
             except Exception:  # keep the loop alive; the next tick retries
                 logger.exception("job runner tick failed")
+            task = asyncio.current_task()
+            if task is not None and getattr(task, "cancelling", lambda: 0)():  # Python >= 3.11
+                raise asyncio.CancelledError
+            if self._stopping:
+                return
             self._wake.clear()
             # asyncio.wait, not wait_for: wait_for can swallow a cancel that arrives as its
             # timeout fires (Python < 3.12), and stop() would then wait forever.
