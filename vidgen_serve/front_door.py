@@ -63,6 +63,6 @@ def ingress_env(kind: str, *, local: bool) -> dict[str, str]:
     env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
     if local:
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = LOCAL_DRAIN_S
-        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(find_free_port())
-        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(find_free_port())
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(find_free_port("0.0.0.0"))  # HAProxy binds both on every
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(find_free_port("0.0.0.0"))  # interface
     return env
